@@ -1,0 +1,110 @@
+//! The wire contract between devices and fleetpipe.
+//!
+//! Devices publish readings on subjects built from a [`SubjectTemplate`] (default
+//! `vehicle.{device}.{sensor}`) with one of three payload forms, all accepted on the same
+//! subjects and told apart by their first bytes:
+//!
+//! * a plain decimal number, exactly what the reference design's C publisher sends (`95`,
+//!   `87.25`);
+//! * a JSON object: `{"value":2.45,"unit":"mm/s","timestamp":"2026-02-15T10:00:00Z","quality":"good"}`;
+//! * InfluxDB line protocol, many readings per message (see [`payload`] for the mapping).
+//!
+//! **Invariant:** this crate does no I/O and no allocation beyond the readings it returns,
+//! so the device agent and the simulator can link it on constrained hardware.
+
+pub mod payload;
+pub mod subject;
+pub mod timestamp;
+
+pub use payload::{decode, encode_json, encode_line_protocol, encode_plain, Decoded, Limits};
+pub use subject::{SubjectError, SubjectParts, SubjectTemplate};
+pub use timestamp::Timestamp;
+
+/// One sensor value of one device at one instant: the unit everything downstream stores.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    /// Device id, a single subject token (`4613`, `cnc-001`).
+    pub device: String,
+    /// Sensor name, one or more tokens joined by `.` (`speed`, `spindle.vibration.rms`).
+    pub sensor: String,
+    /// The value; always finite.
+    pub value: f64,
+    /// The device's own time when it sent one, else the broker's receive time.
+    pub ts: Timestamp,
+    /// Unit as sent by the device (`km/h`, `mm/s`), if any.
+    pub unit: Option<String>,
+    /// Quality flag as sent by the device (`good`, `uncertain`…), if any.
+    pub quality: Option<String>,
+    /// Extra subject tokens named by the template (`site`, `line`…) and line-protocol tags.
+    pub tags: Vec<(String, String)>,
+}
+
+/// Why a payload (or one line of a batch) was refused. The `code` is a stable, short
+/// identifier used in dead-letter subjects and metrics; the message says what to fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reject {
+    pub code: RejectCode,
+    pub message: String,
+}
+
+/// Stable classification of bad input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectCode {
+    /// The subject does not fit the configured template, or a token is not a valid id.
+    Subject,
+    /// The payload is larger than the configured limit.
+    Oversize,
+    /// Plain payload that is not a decimal number (and not line protocol either).
+    NotANumber,
+    /// NaN or ±infinity.
+    NonFinite,
+    /// JSON that does not parse or has fields of the wrong type.
+    Json,
+    /// A line of line protocol that does not parse.
+    LineProtocol,
+    /// A timestamp that cannot be parsed, or is absurdly far in the future or past.
+    Timestamp,
+    /// Payload is empty or not UTF-8.
+    Encoding,
+}
+
+impl RejectCode {
+    /// The token used in dead-letter subjects (`fleetpipe.dlq.<code>`) and metric labels.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RejectCode::Subject => "subject",
+            RejectCode::Oversize => "oversize",
+            RejectCode::NotANumber => "not_a_number",
+            RejectCode::NonFinite => "non_finite",
+            RejectCode::Json => "json",
+            RejectCode::LineProtocol => "line_protocol",
+            RejectCode::Timestamp => "timestamp",
+            RejectCode::Encoding => "encoding",
+        }
+    }
+}
+
+impl Reject {
+    pub(crate) fn new(code: RejectCode, message: impl Into<String>) -> Self {
+        Reject {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Reject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code.as_str(), self.message)
+    }
+}
+
+/// Whether `token` is a valid device id or sensor-name token: ASCII letters, digits, `-`
+/// and `_`, 1 to 128 bytes. Those characters are valid in NATS subjects and KV keys alike.
+pub fn is_valid_token(token: &str) -> bool {
+    !token.is_empty()
+        && token.len() <= 128
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
