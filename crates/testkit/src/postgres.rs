@@ -1,0 +1,2 @@
+// Written by the store work: a throwaway PostgreSQL cluster.
+pub struct PgServer;
