@@ -19,7 +19,9 @@ use std::sync::Arc;
 
 use fleetpipe_proto::{Reading, Timestamp};
 
+mod migrations;
 pub mod postgres;
+mod series;
 pub mod sqlite;
 
 /// A reading together with the stream sequence of the message that carried it.
@@ -80,13 +82,20 @@ pub enum StoreError {
     Url { url: String, reason: String },
     #[error("store task failed: {0}")]
     Task(String),
+    /// The batch holds something no backend can store faithfully (a non-finite value, a
+    /// sequence beyond `i64`, a timestamp outside PostgreSQL's range). Nothing was written.
+    #[error("invalid data: {0}")]
+    Invalid(String),
 }
 
 impl StoreError {
     /// True when retrying the same write later may succeed (connection lost, database
     /// busy). Callers leave the messages unacknowledged so JetStream redelivers them.
     pub fn is_transient(&self) -> bool {
-        !matches!(self, StoreError::Migration { .. } | StoreError::Url { .. })
+        !matches!(
+            self,
+            StoreError::Migration { .. } | StoreError::Url { .. } | StoreError::Invalid(_)
+        )
     }
 }
 

@@ -59,7 +59,10 @@ impl NatsServer {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("nats-server did not accept connections on port {} within 20 s", self.port);
+        panic!(
+            "nats-server did not accept connections on port {} within 20 s",
+            self.port
+        );
     }
 }
 

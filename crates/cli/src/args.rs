@@ -1,0 +1,211 @@
+//! Command-line arguments. Every global option can also come from a `FLEETPIPE_*`
+//! environment variable; both override the config file.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fleetpipe",
+    version,
+    about = "Real-time telemetry collection for fleets of vehicles and machines, on NATS JetStream.",
+    long_about = "Real-time telemetry collection for fleets of vehicles and machines, on NATS JetStream.\n\n\
+        Devices publish readings on `vehicle.<device>.<sensor>` (configurable) as a plain number, \
+        a JSON object or InfluxDB line protocol. Collectors store them exactly once; the latest \
+        state lives in a JetStream KV bucket; the aggregator writes a snapshot row per device per \
+        interval.\n\nStart everything on one machine with a simulated fleet:\n  fleetpipe up --simulate 1000",
+    after_help = "Configuration: a TOML file (--config, FLEETPIPE_CONFIG, or ./fleetpipe.toml), \
+        overridden by FLEETPIPE_* environment variables, overridden by flags. \
+        `fleetpipe config` prints the effective configuration."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// Config file (TOML). Default: ./fleetpipe.toml when it exists.
+    #[arg(long, global = true, env = "FLEETPIPE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// NATS server URL(s), comma-separated. Without it, `up` starts a managed nats-server
+    /// and other commands connect to nats://127.0.0.1:<nats.port>.
+    #[arg(long, global = true, env = "FLEETPIPE_NATS_URL", value_name = "URL")]
+    pub nats_url: Option<String>,
+    /// Store URL: postgres://… or sqlite://PATH. Default: sqlite://<data-dir>/fleetpipe.db.
+    #[arg(long, global = true, env = "FLEETPIPE_STORE", value_name = "URL")]
+    pub store: Option<String>,
+    /// Directory for the managed nats-server and the embedded store.
+    #[arg(long, global = true, env = "FLEETPIPE_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Subject template devices publish on.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETPIPE_SUBJECT_TEMPLATE",
+        value_name = "TEMPLATE"
+    )]
+    pub subject_template: Option<String>,
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive).
+    #[arg(long, global = true, env = "FLEETPIPE_LOG", default_value = "info")]
+    pub log: String,
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETPIPE_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the whole system on one machine: nats-server (unless --nats-url), collectors,
+    /// aggregator and, with --simulate, a simulated fleet. Ctrl-C stops it in order.
+    Up(UpArgs),
+    /// Run collector workers: JetStream → store + latest state, bad input → dead letters.
+    Collect(CollectArgs),
+    /// Run the snapshot aggregator (several replicas may run; one writes).
+    Aggregate(AggregateArgs),
+    /// Publish simulated vehicle telemetry.
+    Simulate(SimulateArgs),
+    /// Create or update the broker objects and migrate the store, then exit.
+    Init,
+    /// Print the latest state of every device, or of one.
+    State(StateArgs),
+    /// Print stored readings of one sensor.
+    History(HistoryArgs),
+    /// Print the newest dead letters with their reasons.
+    DeadLetters(DeadLettersArgs),
+    /// Print the effective configuration after files, environment and flags.
+    Config(JsonArg),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct JsonArg {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct UpArgs {
+    /// Also run a simulated fleet of this many vehicles.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub simulate: usize,
+    #[command(flatten)]
+    pub sim: SimOptions,
+    /// Collector workers.
+    #[arg(long, env = "FLEETPIPE_WORKERS")]
+    pub workers: Option<usize>,
+    /// Client port of the managed nats-server.
+    #[arg(long, env = "FLEETPIPE_NATS_PORT")]
+    pub nats_port: Option<u16>,
+    /// Aggregator interval (e.g. 1s, 100ms).
+    #[arg(long, value_parser = parse_duration)]
+    pub interval: Option<Duration>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CollectArgs {
+    /// Collector workers in this process.
+    #[arg(long, env = "FLEETPIPE_WORKERS")]
+    pub workers: Option<usize>,
+    /// Print a JSON summary of the counters at exit.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AggregateArgs {
+    /// Time between snapshot rows (minimum 100ms).
+    #[arg(long, value_parser = parse_duration)]
+    pub interval: Option<Duration>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SimOptions {
+    /// Payload form: plain (the seed's C publisher), json, or lp (line protocol batches).
+    #[arg(long, default_value = "plain")]
+    pub payload: String,
+    /// Cap on messages per second for the whole fleet (default: each sensor's own rate).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Stop after this long (e.g. 30s, 5m).
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// NATS connections the virtual devices share.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SimulateArgs {
+    /// Number of vehicles.
+    #[arg(long, default_value_t = 1000)]
+    pub devices: usize,
+    #[command(flatten)]
+    pub sim: SimOptions,
+    /// Stop after exactly this many messages.
+    #[arg(long)]
+    pub messages: Option<u64>,
+    /// Set a Nats-Msg-Id on every message (broker-side de-duplication).
+    #[arg(long)]
+    pub msg_ids: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StateArgs {
+    /// Only this device.
+    pub device: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct HistoryArgs {
+    pub device: String,
+    pub sensor: String,
+    /// Start: a duration back from now (10m, 2h) or an RFC 3339 time.
+    #[arg(long, default_value = "10m")]
+    pub since: String,
+    /// End: a duration back from now or an RFC 3339 time (default: now).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Most readings to print.
+    #[arg(long, default_value_t = 1000)]
+    pub limit: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DeadLettersArgs {
+    /// How many of the newest to print.
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); write e.g. 250ms, 30s, 10m"))
+}

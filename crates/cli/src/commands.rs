@@ -1,0 +1,553 @@
+//! One function per subcommand. Long-running ones stop on Ctrl-C or SIGTERM, in order:
+//! sources first (the simulator), then the collectors finish the batch in hand, then the
+//! aggregator, then the managed nats-server.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use fleetpipe_device::simulate::{self, PayloadForm, SimConfig, SimStats};
+use fleetpipe_pipeline::aggregator::Aggregator;
+use fleetpipe_pipeline::broker::{self, Broker};
+use fleetpipe_pipeline::collector::Collector;
+use fleetpipe_pipeline::nats_server::{self, ManagedNats};
+use fleetpipe_pipeline::{inspect, Config, Stats, StatsSnapshot};
+use fleetpipe_proto::Timestamp;
+use fleetpipe_store::{Range, Store};
+use tokio_util::sync::CancellationToken;
+
+use crate::args::*;
+use crate::output::{print_json, thousands};
+
+pub async fn run(cli: Cli) -> Result<()> {
+    let mut config = load_config(&cli.global)?;
+    match cli.command {
+        Command::Up(a) => up(config, a).await,
+        Command::Collect(a) => {
+            if let Some(w) = a.workers {
+                config.collector.workers = w;
+            }
+            validate(&config)?;
+            collect(config, a.json).await
+        }
+        Command::Aggregate(a) => {
+            if let Some(i) = a.interval {
+                config.aggregator.interval = i;
+            }
+            validate(&config)?;
+            aggregate(config).await
+        }
+        Command::Simulate(a) => simulate_cmd(config, a).await,
+        Command::Init => init(config).await,
+        Command::State(a) => state(config, a).await,
+        Command::History(a) => history(config, a).await,
+        Command::DeadLetters(a) => dead_letters(config, a).await,
+        Command::Config(a) => {
+            if a.json {
+                print_json(&config)
+            } else {
+                print!("{}", toml::to_string_pretty(&config)?);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// File (explicit, or ./fleetpipe.toml when present), then environment and flags.
+fn load_config(g: &Global) -> Result<Config> {
+    let default_file = Path::new("fleetpipe.toml");
+    let mut config = match &g.config {
+        Some(path) => Config::from_file(path)?,
+        None if default_file.is_file() => Config::from_file(default_file)?,
+        None => Config::default(),
+    };
+    if let Some(u) = &g.nats_url {
+        config.nats.url = u.clone();
+    }
+    if let Some(s) = &g.store {
+        config.store.url = s.clone();
+    }
+    if let Some(d) = &g.data_dir {
+        config.data_dir = d.clone();
+    }
+    if let Some(t) = &g.subject_template {
+        config.subjects.template = t.clone();
+    }
+    if let Ok(bin) = std::env::var("FLEETPIPE_NATS_SERVER") {
+        config.nats.server_bin = bin;
+    }
+    Ok(config)
+}
+
+fn validate(config: &Config) -> Result<()> {
+    config.validate()?;
+    Ok(())
+}
+
+/// The URL clients connect to when none is configured: the managed server's port.
+fn nats_url(config: &Config) -> String {
+    if config.nats.url.is_empty() {
+        format!("nats://127.0.0.1:{}", config.nats.port)
+    } else {
+        config.nats.url.clone()
+    }
+}
+
+async fn open_store(config: &Config) -> Result<Arc<dyn Store>> {
+    let url = config.store_url();
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        if let Some(parent) = Path::new(path).parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+    }
+    fleetpipe_store::open(&url)
+        .await
+        .with_context(|| format!("cannot open the store at {}", redact(&url)))
+}
+
+/// Hides a password in a URL before it is printed.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+async fn connect(config: &Config, name: &str) -> Result<(async_nats::Client, Broker)> {
+    let client = broker::connect(&nats_url(config), config, name).await?;
+    let b = broker::ensure(&client, config).await?;
+    Ok((client, b))
+}
+
+/// Sends what the client still buffers (acks), giving up after 5 s when the server is gone.
+async fn flush(client: &async_nats::Client) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn init(config: Config) -> Result<()> {
+    validate(&config)?;
+    let (_client, _broker) = connect(&config, "fleetpipe-init").await?;
+    let store = open_store(&config).await?;
+    eprintln!(
+        "broker objects ready on {}; store {} ready ({})",
+        nats_url(&config),
+        store.kind(),
+        redact(&config.store_url())
+    );
+    Ok(())
+}
+
+async fn up(mut config: Config, a: UpArgs) -> Result<()> {
+    if let Some(w) = a.workers {
+        config.collector.workers = w;
+    }
+    if let Some(p) = a.nats_port {
+        config.nats.port = p;
+    }
+    if let Some(i) = a.interval {
+        config.aggregator.interval = i;
+    }
+    validate(&config)?;
+    let payload: PayloadForm = a.sim.payload.parse()?;
+
+    let managed = if config.nats.url.is_empty() {
+        let bin = nats_server::find_binary(&config.nats.server_bin)?;
+        let server = ManagedNats::start(&bin, &config.data_dir, config.nats.port).await?;
+        tracing::info!(url = %server.url(), data = %config.data_dir.display(), "managed nats-server started");
+        config.nats.url = server.url();
+        Some(server)
+    } else {
+        None
+    };
+    let result = run_up(&config, &a, payload).await;
+    if let Some(server) = managed {
+        server.stop().await;
+        tracing::info!("managed nats-server stopped");
+    }
+    result
+}
+
+async fn run_up(config: &Config, a: &UpArgs, payload: PayloadForm) -> Result<()> {
+    let (client, broker) = connect(config, "fleetpipe-up").await?;
+    let store = open_store(config).await?;
+    let stats = Arc::new(Stats::default());
+    tracing::info!(
+        nats = %config.nats.url,
+        store = %redact(&config.store_url()),
+        subjects = ?config.capture_subjects()?,
+        workers = config.collector.workers,
+        "fleetpipe is up; Ctrl-C stops it"
+    );
+
+    let stop_pipeline = CancellationToken::new();
+    let collector = Arc::new(Collector::new(
+        config,
+        broker.js.clone(),
+        broker.consumer.clone(),
+        store.clone(),
+        stats.clone(),
+    )?);
+    let collectors = tokio::spawn(collector.run(config.collector.workers, stop_pipeline.clone()));
+    let aggregator = tokio::spawn(
+        Aggregator::new(
+            config,
+            broker.state.clone(),
+            broker.leases.clone(),
+            store.clone(),
+            stats.clone(),
+        )
+        .run(stop_pipeline.clone()),
+    );
+
+    let stop_sim = CancellationToken::new();
+    let sim_stats: Arc<std::sync::Mutex<SimStats>> = Arc::default();
+    let simulator = (a.simulate > 0).then(|| {
+        let mut sim = SimConfig::new(config.nats.url.clone());
+        sim.devices = a.simulate;
+        sim.payload = payload;
+        sim.rate = a.sim.rate;
+        sim.duration = a.sim.duration;
+        sim.connections = a.sim.connections;
+        if let Ok(t) = config.template() {
+            sim.template = t;
+        }
+        let stop = stop_sim.clone();
+        let shared = sim_stats.clone();
+        tokio::spawn(async move {
+            simulate::run(sim, stop.cancelled_owned(), move |s| {
+                if let Ok(mut g) = shared.lock() {
+                    *g = s.clone();
+                }
+            })
+            .await
+        })
+    });
+
+    let progress = tokio::spawn(progress_lines(
+        stats.clone(),
+        broker.consumer.clone(),
+        sim_stats.clone(),
+    ));
+    let mut simulator = simulator;
+    tokio::select! {
+        _ = shutdown_signal() => tracing::info!("stopping: simulator, then collectors, then aggregator"),
+        Some(result) = async { match simulator.as_mut() { Some(h) => Some(h.await), None => None } } => {
+            simulator = None;
+            match result {
+                Ok(Ok(summary)) => tracing::info!(published = summary.stats.published, "simulation finished; still collecting, Ctrl-C stops"),
+                Ok(Err(e)) => tracing::error!(error = %e, "simulator stopped"),
+                Err(e) => tracing::error!(error = %e, "simulator task failed"),
+            }
+            shutdown_signal().await;
+        }
+    }
+    stop_sim.cancel();
+    if let Some(h) = simulator {
+        if let Ok(Ok(summary)) = h.await {
+            eprintln!(
+                "simulator: published {}, acknowledged {}, errors {}",
+                thousands(summary.stats.published),
+                thousands(summary.stats.acknowledged),
+                summary.stats.errors
+            );
+        }
+    }
+    stop_pipeline.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), collectors).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), aggregator).await;
+    progress.abort();
+    flush(&client).await;
+    print_counters(&stats.snapshot());
+    Ok(())
+}
+
+fn print_counters(s: &StatsSnapshot) {
+    eprintln!(
+        "collected {} messages: {} readings stored, {} duplicates skipped, {} dead letters; \
+         aggregator wrote {} rows in {} ticks ({} skipped)",
+        thousands(s.messages),
+        thousands(s.readings_stored),
+        thousands(s.readings_duplicate),
+        thousands(s.dead_letters),
+        thousands(s.aggregator_rows),
+        thousands(s.aggregator_ticks),
+        thousands(s.aggregator_skipped),
+    );
+}
+
+/// A status line every 2 s on a terminal, every 10 s otherwise.
+async fn progress_lines(
+    stats: Arc<Stats>,
+    mut consumer: async_nats::jetstream::consumer::PullConsumer,
+    sim: Arc<std::sync::Mutex<SimStats>>,
+) {
+    let every = if std::io::stderr().is_terminal() {
+        2
+    } else {
+        10
+    };
+    let mut last = stats.snapshot();
+    loop {
+        tokio::time::sleep(Duration::from_secs(every)).await;
+        let now = stats.snapshot();
+        let backlog = consumer.info().await.map(|i| i.num_pending).unwrap_or(0);
+        let published = sim.lock().map(|s| s.published).unwrap_or(0);
+        eprintln!(
+            "ingest {}/s │ stored {} │ dead letters {} │ backlog {} │ snapshots {} rows{}",
+            thousands((now.messages - last.messages) / every),
+            thousands(now.readings_stored),
+            thousands(now.dead_letters),
+            thousands(backlog),
+            thousands(now.aggregator_rows),
+            if published > 0 {
+                format!(" │ simulated {}", thousands(published))
+            } else {
+                String::new()
+            },
+        );
+        last = now;
+    }
+}
+
+async fn collect(config: Config, json: bool) -> Result<()> {
+    let (client, broker) = connect(&config, "fleetpipe-collect").await?;
+    let store = open_store(&config).await?;
+    let stats = Arc::new(Stats::default());
+    let stop = CancellationToken::new();
+    let collector = Arc::new(Collector::new(
+        &config,
+        broker.js.clone(),
+        broker.consumer.clone(),
+        store,
+        stats.clone(),
+    )?);
+    tracing::info!(workers = config.collector.workers, consumer = %config.collector.durable, "collecting; Ctrl-C stops");
+    let task = tokio::spawn(collector.run(config.collector.workers, stop.clone()));
+    shutdown_signal().await;
+    tracing::info!("stopping: finishing the batches in hand");
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
+    flush(&client).await;
+    if json {
+        print_json(&stats.snapshot())
+    } else {
+        print_counters(&stats.snapshot());
+        Ok(())
+    }
+}
+
+async fn aggregate(config: Config) -> Result<()> {
+    let (client, broker) = connect(&config, "fleetpipe-aggregate").await?;
+    let store = open_store(&config).await?;
+    let stats = Arc::new(Stats::default());
+    let stop = CancellationToken::new();
+    tracing::info!(interval = %humantime::format_duration(config.aggregator.interval), "aggregating; Ctrl-C stops");
+    let task = tokio::spawn(
+        Aggregator::new(
+            &config,
+            broker.state.clone(),
+            broker.leases.clone(),
+            store,
+            stats.clone(),
+        )
+        .run(stop.clone()),
+    );
+    shutdown_signal().await;
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    flush(&client).await;
+    print_counters(&stats.snapshot());
+    Ok(())
+}
+
+async fn simulate_cmd(config: Config, a: SimulateArgs) -> Result<()> {
+    validate(&config)?;
+    let mut sim = SimConfig::new(nats_url(&config));
+    sim.devices = a.devices;
+    sim.payload = a.sim.payload.parse()?;
+    sim.rate = a.sim.rate;
+    sim.duration = a.sim.duration;
+    sim.connections = a.sim.connections;
+    sim.max_messages = a.messages;
+    sim.msg_ids = a.msg_ids;
+    sim.template = config.template()?;
+    let tty = std::io::stderr().is_terminal();
+    let quiet = a.json;
+    let summary = simulate::run(
+        sim,
+        async {
+            shutdown_signal().await;
+        },
+        move |s| {
+            if quiet {
+                return;
+            }
+            let line = format!(
+                "published {} ({}/s) │ acknowledged {} │ errors {}",
+                thousands(s.published),
+                thousands(s.publish_rate as u64),
+                thousands(s.acknowledged),
+                s.errors
+            );
+            if tty {
+                eprint!("\r{line}   ");
+            } else {
+                eprintln!("{line}");
+            }
+        },
+    )
+    .await?;
+    if tty && !quiet {
+        eprintln!();
+    }
+    if a.json {
+        print_json(&summary)?;
+    } else {
+        let s = &summary.stats;
+        println!(
+            "published {} messages ({} readings) in {:.1} s: {} acknowledged, {} duplicates, {} errors",
+            thousands(s.published),
+            thousands(s.readings),
+            s.elapsed_secs,
+            thousands(s.acknowledged),
+            thousands(s.duplicates),
+            thousands(s.errors)
+        );
+    }
+    if summary.stats.errors > 0 {
+        bail!("{} publishes failed", summary.stats.errors);
+    }
+    Ok(())
+}
+
+async fn state(config: Config, a: StateArgs) -> Result<()> {
+    validate(&config)?;
+    let (_client, broker) = connect(&config, "fleetpipe-state").await?;
+    let entries = inspect::latest_state(&broker.state, a.device.as_deref()).await?;
+    if a.json {
+        return print_json(&entries);
+    }
+    if entries.is_empty() {
+        eprintln!(
+            "no state yet{}",
+            a.device
+                .map(|d| format!(" for device {d}"))
+                .unwrap_or_default()
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<24} {:>14} {:<8} TIME",
+        "DEVICE", "SENSOR", "VALUE", "UNIT"
+    );
+    for e in entries {
+        println!(
+            "{:<16} {:<24} {:>14} {:<8} {}",
+            e.device,
+            e.sensor,
+            e.state.value,
+            e.state.unit.as_deref().unwrap_or("-"),
+            e.state.timestamp()
+        );
+    }
+    Ok(())
+}
+
+/// `10m` (back from now) or an RFC 3339 time.
+fn parse_when(s: &str, now: Timestamp) -> Result<Timestamp> {
+    if let Some(t) = Timestamp::parse_rfc3339(s) {
+        return Ok(t);
+    }
+    let d = humantime::parse_duration(s)
+        .with_context(|| format!("{s:?} is neither a duration (10m, 2h) nor an RFC 3339 time"))?;
+    Ok(now.saturating_add_micros(-(d.as_micros() as i64)))
+}
+
+async fn history(config: Config, a: HistoryArgs) -> Result<()> {
+    validate(&config)?;
+    let store = open_store(&config).await?;
+    let now = Timestamp::now();
+    let from = parse_when(&a.since, now)?;
+    let to = match &a.until {
+        Some(u) => parse_when(u, now)?,
+        None => now.saturating_add_micros(1),
+    };
+    if from >= to {
+        bail!("--since must be before --until");
+    }
+    let points = store
+        .history(&a.device, &a.sensor, Range { from, to }, a.limit)
+        .await?;
+    if a.json {
+        let rows: Vec<_> = points
+            .iter()
+            .map(|p| serde_json::json!({"ts": p.ts.to_rfc3339(), "value": p.value, "quality": p.quality}))
+            .collect();
+        return print_json(&rows);
+    }
+    if points.is_empty() {
+        eprintln!(
+            "no readings of {} {} between {from} and {to}",
+            a.device, a.sensor
+        );
+    }
+    for p in points {
+        println!("{}  {}", p.ts, p.value);
+    }
+    Ok(())
+}
+
+async fn dead_letters(config: Config, a: DeadLettersArgs) -> Result<()> {
+    validate(&config)?;
+    let (_client, broker) = connect(&config, "fleetpipe-dead-letters").await?;
+    let letters = inspect::dead_letters(&broker.js, a.limit).await?;
+    if a.json {
+        return print_json(&letters);
+    }
+    if letters.is_empty() {
+        eprintln!("no dead letters");
+    }
+    for d in letters {
+        let payload: String = d.payload.chars().take(80).collect();
+        println!(
+            "#{} {} [{}] {}\n    reason: {}\n    payload: {payload:?}",
+            d.seq,
+            d.received,
+            d.codes.join(","),
+            d.subject,
+            d.reason
+        );
+    }
+    Ok(())
+}

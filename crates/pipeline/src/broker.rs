@@ -1,0 +1,201 @@
+//! The JetStream objects fleetpipe needs, created or updated idempotently at start.
+//!
+//! * the telemetry stream (file storage, retention, de-duplication window);
+//! * the dead-letter stream `FLEETPIPE_DLQ` on `fleetpipe.dlq.<reason>`;
+//! * the latest-state KV bucket `fleetpipe_state` (key `<device>.<sensor>`);
+//! * the lease KV bucket `fleetpipe_leases` (the aggregator's single-writer lease);
+//! * the collectors' durable pull consumer.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use async_nats::jetstream::{self, consumer, kv, stream};
+
+use crate::config::{names, Config, Retention};
+
+/// Connects to NATS with reconnect-forever and the credentials the config names.
+pub async fn connect(url: &str, config: &Config, name: &str) -> Result<async_nats::Client> {
+    let mut options = async_nats::ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(5))
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Disconnected => tracing::warn!("nats disconnected"),
+                async_nats::Event::Connected => tracing::info!("nats connected"),
+                other => tracing::debug!(event = %other, "nats event"),
+            }
+        });
+    if !config.nats.credentials.is_empty() {
+        options = options
+            .credentials_file(&config.nats.credentials)
+            .await
+            .with_context(|| format!("cannot read credentials {}", config.nats.credentials))?;
+    }
+    let servers: Vec<&str> = url.split(',').map(str::trim).collect();
+    let client = tokio::time::timeout(Duration::from_secs(10), options.connect(servers))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "cannot reach NATS at {url} within 10 s: is nats-server running? \
+                 (`fleetpipe up` starts one when no --nats-url is given)"
+            )
+        })?
+        .with_context(|| format!("cannot connect to NATS at {url}"))?;
+    Ok(client)
+}
+
+/// Handles on the broker objects, after [`ensure`].
+pub struct Broker {
+    pub js: jetstream::Context,
+    pub telemetry: stream::Stream,
+    pub state: kv::Store,
+    pub leases: kv::Store,
+    pub consumer: consumer::PullConsumer,
+}
+
+fn telemetry_config(config: &Config) -> Result<stream::Config> {
+    let s = &config.stream;
+    Ok(stream::Config {
+        name: s.name.clone(),
+        description: Some("fleetpipe telemetry from devices".into()),
+        subjects: config.capture_subjects()?,
+        retention: match s.retention {
+            Retention::Interest => stream::RetentionPolicy::Interest,
+            Retention::Limits => stream::RetentionPolicy::Limits,
+        },
+        // Refuse new messages when full rather than drop old unprocessed ones: publishers
+        // that use acks keep their data and retry, so nothing accepted is lost.
+        discard: stream::DiscardPolicy::New,
+        max_age: s.max_age,
+        max_bytes: s.max_bytes,
+        duplicate_window: s.duplicate_window,
+        storage: stream::StorageType::File,
+        num_replicas: s.replicas,
+        ..Default::default()
+    })
+}
+
+fn consumer_config(config: &Config) -> consumer::pull::Config {
+    let c = &config.collector;
+    consumer::pull::Config {
+        durable_name: Some(c.durable.clone()),
+        description: Some("fleetpipe collectors".into()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: c.ack_wait,
+        // Never give up on a message: dropping it after N tries would lose data. Bad input
+        // is dead-lettered by the collector, so only store outages cause redelivery.
+        max_deliver: -1,
+        max_ack_pending: c.max_ack_pending,
+        deliver_policy: consumer::DeliverPolicy::All,
+        ..Default::default()
+    }
+}
+
+/// Creates or updates every object fleetpipe needs. Safe to run from every process at
+/// every start.
+pub async fn ensure(client: &async_nats::Client, config: &Config) -> Result<Broker> {
+    let js = jetstream::new(client.clone());
+    let telemetry_cfg = telemetry_config(config)?;
+    js.create_or_update_stream(telemetry_cfg.clone())
+        .await
+        .with_context(|| {
+            format!(
+                "cannot create or update stream {} capturing {:?} (is JetStream enabled on the server? \
+                 does another stream already capture these subjects?)",
+                telemetry_cfg.name, telemetry_cfg.subjects
+            )
+        })?;
+    let telemetry = js.get_stream(&telemetry_cfg.name).await?;
+
+    js.create_or_update_stream(stream::Config {
+        name: names::DLQ_STREAM.into(),
+        description: Some(
+            "fleetpipe dead letters: input that could not be stored, with the reason in headers"
+                .into(),
+        ),
+        subjects: vec![format!("{}.>", names::DLQ_SUBJECT_PREFIX)],
+        retention: stream::RetentionPolicy::Limits,
+        max_age: Duration::from_secs(30 * 24 * 3600),
+        max_bytes: 1024 * 1024 * 1024,
+        duplicate_window: Duration::from_secs(120),
+        storage: stream::StorageType::File,
+        num_replicas: config.stream.replicas,
+        ..Default::default()
+    })
+    .await
+    .context("cannot create or update the dead-letter stream")?;
+
+    let state = js
+        .create_or_update_key_value(kv::Config {
+            bucket: names::STATE_BUCKET.into(),
+            description: "fleetpipe latest state: <device>.<sensor> -> last reading".into(),
+            history: 1,
+            storage: stream::StorageType::File,
+            num_replicas: config.stream.replicas,
+            ..Default::default()
+        })
+        .await
+        .context("cannot create or update the latest-state KV bucket")?;
+
+    let leases = js
+        .create_or_update_key_value(kv::Config {
+            bucket: names::LEASE_BUCKET.into(),
+            description: "fleetpipe single-writer leases".into(),
+            history: 1,
+            max_age: config.aggregator.lease_ttl,
+            storage: stream::StorageType::File,
+            num_replicas: config.stream.replicas,
+            ..Default::default()
+        })
+        .await
+        .context("cannot create or update the lease KV bucket")?;
+
+    let consumer = ensure_consumer(&telemetry, consumer_config(config)).await?;
+    Ok(Broker {
+        js,
+        telemetry,
+        state,
+        leases,
+        consumer,
+    })
+}
+
+async fn ensure_consumer(
+    stream: &stream::Stream,
+    cfg: consumer::pull::Config,
+) -> Result<consumer::PullConsumer> {
+    let name = cfg.durable_name.clone().unwrap_or_default();
+    match stream.create_consumer(cfg.clone()).await {
+        Ok(c) => Ok(c),
+        // An existing consumer with other settings: bring it up to date.
+        Err(_) => stream
+            .update_consumer(cfg)
+            .await
+            .with_context(|| format!("cannot create or update consumer {name}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetpipe_testkit::NatsServer;
+
+    #[tokio::test]
+    async fn ensure_is_idempotent_and_updates_settings() {
+        let server = NatsServer::start();
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let mut config = Config::default();
+        ensure(&client, &config).await.unwrap();
+        ensure(&client, &config).await.unwrap();
+        config.collector.max_ack_pending = 1234;
+        config.stream.duplicate_window = Duration::from_secs(60);
+        let mut broker = ensure(&client, &config).await.unwrap();
+        let info = broker.consumer.info().await.unwrap();
+        assert_eq!(info.config.max_ack_pending, 1234);
+        let sinfo = broker.telemetry.info().await.unwrap();
+        assert_eq!(sinfo.config.duplicate_window, Duration::from_secs(60));
+        assert_eq!(sinfo.config.subjects, vec!["vehicle.>".to_string()]);
+    }
+}

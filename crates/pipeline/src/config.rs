@@ -1,0 +1,439 @@
+//! Configuration: a TOML file, then `FLEETPIPE_*` environment variables and command-line
+//! flags on top (the CLI applies those), then one validation pass that reports every
+//! problem at once.
+//!
+//! Durations are written as text (`"250ms"`, `"7d"`), sizes as integers in bytes.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fleetpipe_proto::{Limits, SubjectTemplate};
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration. Every field has a default, so an empty file is valid.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the managed nats-server and the embedded store keep their files.
+    pub data_dir: PathBuf,
+    pub nats: NatsConfig,
+    pub subjects: SubjectsConfig,
+    pub stream: StreamConfig,
+    pub collector: CollectorConfig,
+    pub aggregator: AggregatorConfig,
+    pub store: StoreConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Server URL(s), comma-separated for a cluster. Empty: `fleetpipe up` manages its own
+    /// nats-server under `data_dir`.
+    pub url: String,
+    /// Client port of the managed nats-server.
+    pub port: u16,
+    /// Path of the `nats-server` binary for the managed server; empty: search `PATH`.
+    pub server_bin: String,
+    /// File holding NATS credentials (`.creds`), if the server requires them.
+    pub credentials: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SubjectsConfig {
+    /// Subject template devices publish on; see `fleetpipe_proto::subject`.
+    pub template: String,
+    /// Subjects the telemetry stream captures. Empty: derived from the template
+    /// (`vehicle.>` for the default).
+    pub capture: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamConfig {
+    pub name: String,
+    /// `interest`: a message is kept until the collectors acknowledge it, so the stream is
+    /// a bounded buffer in front of the store. `limits`: kept for `max_age`/`max_bytes`
+    /// whatever was consumed, so it can be replayed.
+    pub retention: Retention,
+    #[serde(with = "duration_text")]
+    pub max_age: Duration,
+    /// -1 for no limit. When full, new publishes are refused (publishers keep their data and
+    /// retry) rather than old unprocessed data being dropped.
+    pub max_bytes: i64,
+    /// Window in which a repeated `Nats-Msg-Id` is dropped by the broker.
+    #[serde(with = "duration_text")]
+    pub duplicate_window: Duration,
+    pub replicas: usize,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Retention {
+    Interest,
+    Limits,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CollectorConfig {
+    /// Durable consumer shared by every collector.
+    pub durable: String,
+    /// Workers per `fleetpipe collect` process.
+    pub workers: usize,
+    /// Most messages decoded and written in one store transaction.
+    pub batch_size: usize,
+    /// How long a worker waits to fill a batch before writing what it has.
+    #[serde(with = "duration_text")]
+    pub batch_wait: Duration,
+    /// Most messages delivered and not yet acknowledged across all collectors; the broker
+    /// stops delivering at this point, which bounds collector memory.
+    pub max_ack_pending: i64,
+    /// How long the broker waits for an acknowledgement before redelivering.
+    #[serde(with = "duration_text")]
+    pub ack_wait: Duration,
+    /// Payloads larger than this are dead-lettered.
+    pub max_payload_bytes: usize,
+    /// Device timestamps further than this past the broker's time are dead-lettered.
+    #[serde(with = "duration_text")]
+    pub max_future: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregatorConfig {
+    /// Time between snapshot rows; down to 100 ms.
+    #[serde(with = "duration_text")]
+    pub interval: Duration,
+    /// How long the writer's lease lasts without renewal; a standby takes over after it.
+    #[serde(with = "duration_text")]
+    pub lease_ttl: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `postgres://…`, or `sqlite://PATH`. Empty: `sqlite://<data_dir>/fleetpipe.db`.
+    pub url: String,
+    /// Raw readings older than this are deleted (rollups and snapshots are kept).
+    #[serde(with = "duration_text")]
+    pub raw_retention: Duration,
+}
+
+/// Broker object names that are not configurable, so every fleetpipe process agrees.
+pub mod names {
+    pub const DLQ_STREAM: &str = "FLEETPIPE_DLQ";
+    /// Dead letters are published on `fleetpipe.dlq.<reason code>`.
+    pub const DLQ_SUBJECT_PREFIX: &str = "fleetpipe.dlq";
+    pub const STATE_BUCKET: &str = "fleetpipe_state";
+    pub const LEASE_BUCKET: &str = "fleetpipe_leases";
+    /// Subjects fleetpipe uses for itself; the telemetry capture must not overlap them.
+    pub const RESERVED_PREFIX: &str = "fleetpipe.";
+}
+
+const fn default_port() -> u16 {
+    4222
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("data"),
+            nats: NatsConfig::default(),
+            subjects: SubjectsConfig::default(),
+            stream: StreamConfig::default(),
+            collector: CollectorConfig::default(),
+            aggregator: AggregatorConfig::default(),
+            store: StoreConfig::default(),
+        }
+    }
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            url: String::new(),
+            port: default_port(),
+            server_bin: String::new(),
+            credentials: String::new(),
+        }
+    }
+}
+
+impl Default for SubjectsConfig {
+    fn default() -> Self {
+        SubjectsConfig {
+            template: fleetpipe_proto::subject::DEFAULT_TEMPLATE.to_string(),
+            capture: Vec::new(),
+        }
+    }
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig {
+            name: "FLEETPIPE_TELEMETRY".into(),
+            retention: Retention::Interest,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            max_bytes: 10 * 1024 * 1024 * 1024,
+            duplicate_window: Duration::from_secs(120),
+            replicas: 1,
+        }
+    }
+}
+
+impl Default for CollectorConfig {
+    fn default() -> Self {
+        CollectorConfig {
+            durable: "fleetpipe-collectors".into(),
+            workers: 2,
+            batch_size: 2000,
+            batch_wait: Duration::from_millis(20),
+            max_ack_pending: 50_000,
+            ack_wait: Duration::from_secs(30),
+            max_payload_bytes: Limits::default().max_payload_bytes,
+            max_future: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Default for AggregatorConfig {
+    fn default() -> Self {
+        AggregatorConfig {
+            interval: Duration::from_secs(1),
+            lease_ttl: Duration::from_secs(3),
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: String::new(),
+            raw_retention: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+/// Every problem found in a configuration, so the user can fix them all in one go.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl Config {
+    /// Reads a TOML file. Unknown keys are errors (a typo must not be silently ignored).
+    pub fn from_file(path: &Path) -> anyhow::Result<Config> {
+        use anyhow::Context as _;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        Self::from_toml(&text).with_context(|| format!("in config file {}", path.display()))
+    }
+
+    pub fn from_toml(text: &str) -> anyhow::Result<Config> {
+        Ok(toml::from_str(text)?)
+    }
+
+    /// Checks every setting and returns all problems at once.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut problems = Vec::new();
+        match SubjectTemplate::parse(&self.subjects.template) {
+            Ok(t) => {
+                for capture in self.capture_subjects_for(&t) {
+                    if capture.starts_with(names::RESERVED_PREFIX) || capture == ">" {
+                        problems.push(format!(
+                            "subjects.capture {capture:?} overlaps fleetpipe's own subjects ({}>)",
+                            names::RESERVED_PREFIX
+                        ));
+                    }
+                }
+            }
+            Err(e) => problems.push(format!("subjects.template: {e}")),
+        }
+        if self.stream.name.is_empty()
+            || !self
+                .stream
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            problems.push(format!(
+                "stream.name {:?} must be letters, digits, '-' or '_'",
+                self.stream.name
+            ));
+        }
+        if self.stream.max_bytes == 0 || self.stream.max_bytes < -1 {
+            problems.push("stream.max_bytes must be positive, or -1 for no limit".into());
+        }
+        if !(1..=5).contains(&self.stream.replicas) {
+            problems.push("stream.replicas must be between 1 and 5".into());
+        }
+        if self.stream.duplicate_window > self.stream.max_age {
+            problems.push("stream.duplicate_window must not exceed stream.max_age".into());
+        }
+        let c = &self.collector;
+        if c.workers == 0 || c.workers > 256 {
+            problems.push("collector.workers must be between 1 and 256".into());
+        }
+        if c.batch_size == 0 || c.batch_size > 100_000 {
+            problems.push("collector.batch_size must be between 1 and 100000".into());
+        }
+        if (c.max_ack_pending as usize) < c.batch_size {
+            problems.push("collector.max_ack_pending must be at least collector.batch_size".into());
+        }
+        if c.ack_wait < Duration::from_secs(1) {
+            problems.push("collector.ack_wait must be at least 1s".into());
+        }
+        if c.batch_wait > c.ack_wait / 2 {
+            problems.push("collector.batch_wait must be under half of collector.ack_wait".into());
+        }
+        if c.max_payload_bytes == 0 {
+            problems.push("collector.max_payload_bytes must be positive".into());
+        }
+        if c.durable.is_empty() || c.durable.contains(['.', '*', '>', ' ']) {
+            problems.push(format!(
+                "collector.durable {:?} must be a name without '.', '*', '>' or spaces",
+                c.durable
+            ));
+        }
+        let a = &self.aggregator;
+        if a.interval < Duration::from_millis(100) {
+            problems.push(format!(
+                "aggregator.interval is {}, the minimum is 100ms",
+                humantime::format_duration(a.interval)
+            ));
+        }
+        if a.lease_ttl < Duration::from_secs(1) {
+            problems.push("aggregator.lease_ttl must be at least 1s".into());
+        }
+        if !self.store.url.is_empty()
+            && !(self.store.url.starts_with("postgres://")
+                || self.store.url.starts_with("postgresql://")
+                || self.store.url.starts_with("sqlite://"))
+        {
+            problems.push(format!(
+                "store.url {:?} must start with postgres://, postgresql:// or sqlite://",
+                self.store.url
+            ));
+        }
+        if !self.nats.credentials.is_empty() && !Path::new(&self.nats.credentials).is_file() {
+            problems.push(format!(
+                "nats.credentials: file {:?} does not exist",
+                self.nats.credentials
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(problems))
+        }
+    }
+
+    /// The parsed subject template. Call after [`Config::validate`].
+    pub fn template(&self) -> anyhow::Result<SubjectTemplate> {
+        Ok(SubjectTemplate::parse(&self.subjects.template)?)
+    }
+
+    /// Subjects the telemetry stream captures.
+    pub fn capture_subjects(&self) -> anyhow::Result<Vec<String>> {
+        Ok(self.capture_subjects_for(&self.template()?))
+    }
+
+    fn capture_subjects_for(&self, template: &SubjectTemplate) -> Vec<String> {
+        if self.subjects.capture.is_empty() {
+            vec![template.stream_filter()]
+        } else {
+            self.subjects.capture.clone()
+        }
+    }
+
+    /// Decoding limits for the collectors.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_payload_bytes: self.collector.max_payload_bytes,
+            max_future_micros: self.collector.max_future.as_micros().min(i64::MAX as u128) as i64,
+        }
+    }
+
+    /// The store URL, defaulting to the embedded store under `data_dir`.
+    pub fn store_url(&self) -> String {
+        if self.store.url.is_empty() {
+            format!("sqlite://{}", self.data_dir.join("fleetpipe.db").display())
+        } else {
+            self.store.url.clone()
+        }
+    }
+}
+
+/// Serde adapter for durations written as text (`"250ms"`, `"2m"`, `"7d"`).
+pub mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not a duration ({e}); write e.g. \"250ms\", \"30s\", \"7d\""
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_round_trip() {
+        let c = Config::default();
+        c.validate().unwrap();
+        let text = toml::to_string(&c).unwrap();
+        assert_eq!(Config::from_toml(&text).unwrap(), c);
+        assert_eq!(Config::from_toml("").unwrap(), c);
+        assert_eq!(c.capture_subjects().unwrap(), vec!["vehicle.>"]);
+        assert!(c.store_url().starts_with("sqlite://"));
+    }
+
+    #[test]
+    fn reads_a_file() {
+        let c = Config::from_toml(
+            r#"
+            [subjects]
+            template = "acme.{site}.{device}.{sensor}"
+            [aggregator]
+            interval = "100ms"
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.aggregator.interval, Duration::from_millis(100));
+        assert_eq!(c.capture_subjects().unwrap(), vec!["acme.>"]);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_durations_are_refused() {
+        let err = Config::from_toml("[collector]\nworkerz = 3").unwrap_err();
+        assert!(format!("{err:#}").contains("workerz"), "{err:#}");
+        let err = Config::from_toml("[aggregator]\ninterval = \"often\"").unwrap_err();
+        assert!(format!("{err:#}").contains("not a duration"), "{err:#}");
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let mut c = Config::default();
+        c.subjects.template = "vehicle.{sensor}".into();
+        c.aggregator.interval = Duration::from_millis(10);
+        c.collector.workers = 0;
+        c.store.url = "mysql://x".into();
+        let errors = c.validate().unwrap_err().0;
+        assert_eq!(errors.len(), 4, "{errors:?}");
+        let mut c = Config::default();
+        c.subjects.capture = vec!["fleetpipe.>".into()];
+        assert_eq!(c.validate().unwrap_err().0.len(), 1);
+    }
+}

@@ -1,0 +1,103 @@
+//! Read paths for operators and tests: the latest state and the dead letters.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use async_nats::jetstream::{self, kv};
+use futures::StreamExt;
+use serde::Serialize;
+
+use crate::collector::headers;
+use crate::config::names;
+use crate::state::{split_key, StateValue};
+
+/// One sensor's latest value.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StateEntry {
+    pub device: String,
+    pub sensor: String,
+    #[serde(flatten)]
+    pub state: StateValue,
+}
+
+/// The latest state of every sensor (of one device, or all), sorted by device and sensor.
+pub async fn latest_state(state: &kv::Store, device: Option<&str>) -> Result<Vec<StateEntry>> {
+    let mut watch = match device {
+        Some(d) => state.watch(format!("{d}.>")).await?,
+        None => state.watch_all().await?,
+    };
+    let mut out = Vec::new();
+    // The watch first replays the last value of each key, the last of them with delta 0;
+    // an empty result sends nothing, hence the idle timeout.
+    while let Ok(Some(entry)) = tokio::time::timeout(Duration::from_millis(500), watch.next()).await
+    {
+        let entry = entry?;
+        if entry.operation == kv::Operation::Put {
+            if let (Some((device, sensor)), Ok(state)) = (
+                split_key(&entry.key),
+                serde_json::from_slice::<StateValue>(&entry.value),
+            ) {
+                out.push(StateEntry {
+                    device: device.to_string(),
+                    sensor: sensor.to_string(),
+                    state,
+                });
+            }
+        }
+        if entry.delta == 0 {
+            break;
+        }
+    }
+    out.sort_by(|a, b| (&a.device, &a.sensor).cmp(&(&b.device, &b.sensor)));
+    Ok(out)
+}
+
+/// One entry of the dead-letter stream.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DeadLetter {
+    /// Sequence in the dead-letter stream.
+    pub seq: u64,
+    /// Subject the device published on.
+    pub subject: String,
+    pub codes: Vec<String>,
+    pub reason: String,
+    pub received: String,
+    /// The original payload (lossy UTF-8).
+    pub payload: String,
+}
+
+/// The newest `limit` dead letters, oldest first.
+pub async fn dead_letters(js: &jetstream::Context, limit: usize) -> Result<Vec<DeadLetter>> {
+    let mut stream = js.get_stream(names::DLQ_STREAM).await?;
+    let info = stream.info().await?;
+    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+    let mut out = Vec::new();
+    if info.state.messages == 0 || limit == 0 {
+        return Ok(out);
+    }
+    let start = last.saturating_sub(limit as u64 - 1).max(first).max(1);
+    for seq in start..=last {
+        let Ok(msg) = stream.get_raw_message(seq).await else {
+            continue; // deleted or aged out
+        };
+        let header = |name: &str| {
+            msg.headers
+                .get(name)
+                .map(|v| v.as_str().to_string())
+                .unwrap_or_default()
+        };
+        out.push(DeadLetter {
+            seq,
+            subject: header(headers::SUBJECT),
+            codes: header(headers::CODES)
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect(),
+            reason: header(headers::REASON),
+            received: header(headers::RECEIVED),
+            payload: String::from_utf8_lossy(&msg.payload).into_owned(),
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,356 @@
+//! What both backends share on the write path: checking a batch, and the in-process cache
+//! of series ids that lets a batch of known series go to the database without a lookup.
+//!
+//! A series is one `(device, sensor)` pair. Its row also holds the latest unit and tags a
+//! device sent; a reading that carries none leaves them as they are, so a device mixing
+//! plain and JSON payloads does not make them flip back and forth.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use fleetpipe_proto::Timestamp;
+
+use crate::{Record, Result, Snapshot, StoreError};
+
+/// Earliest instant both backends can store: PostgreSQL's `timestamptz` starts at
+/// 4714-11-24 BC. SQLite could hold more, but both must accept the same data.
+const MIN_TS_MICROS: i64 = -210_866_803_200_000_000;
+
+/// Latest instant both backends can store. PostgreSQL's limit (294277 AD) lies beyond
+/// what `i64` Unix microseconds reach, so only the type bounds it.
+const MAX_TS_MICROS: i64 = i64::MAX;
+
+/// Refuses a batch holding something no backend can store faithfully, before anything is
+/// written: a non-finite value (SQLite turns NaN into NULL), a sequence beyond `i64`, or a
+/// timestamp PostgreSQL cannot represent. Retrying such a batch cannot succeed, so the
+/// error is not transient.
+pub(crate) fn check_records(batch: &[Record]) -> Result<()> {
+    for (i, r) in batch.iter().enumerate() {
+        let reading = &r.reading;
+        if !reading.value.is_finite() {
+            return Err(invalid(i, reading, "value is not finite"));
+        }
+        if i64::try_from(r.seq).is_err() {
+            return Err(invalid(
+                i,
+                reading,
+                "sequence does not fit a signed 64-bit integer",
+            ));
+        }
+        if !ts_in_range(reading.ts) {
+            return Err(invalid(i, reading, "timestamp out of range"));
+        }
+    }
+    Ok(())
+}
+
+/// Like [`check_records`], for snapshot rows.
+pub(crate) fn check_snapshots(rows: &[Snapshot]) -> Result<()> {
+    for (i, s) in rows.iter().enumerate() {
+        if !ts_in_range(s.ts) {
+            return Err(StoreError::Invalid(format!(
+                "snapshot {i} (device {:?}): timestamp out of range",
+                s.device
+            )));
+        }
+        if let Some((sensor, _)) = s.values.iter().find(|(_, v)| !v.is_finite()) {
+            return Err(StoreError::Invalid(format!(
+                "snapshot {i} (device {:?}): value of {sensor:?} is not finite",
+                s.device
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn ts_in_range(ts: Timestamp) -> bool {
+    (MIN_TS_MICROS..=MAX_TS_MICROS).contains(&ts.as_micros())
+}
+
+fn invalid(i: usize, r: &fleetpipe_proto::Reading, why: &str) -> StoreError {
+    StoreError::Invalid(format!(
+        "reading {i} ({}/{} at {}): {why}",
+        r.device,
+        r.sensor,
+        r.ts.as_micros()
+    ))
+}
+
+/// Start of the minute `ts` falls in, in Unix microseconds. Callers have checked the range
+/// with [`check_records`], so this cannot overflow.
+pub(crate) fn minute_of(ts: i64) -> i64 {
+    const MINUTE: i64 = 60_000_000;
+    ts - ts.rem_euclid(MINUTE)
+}
+
+/// Serialises tags (already sorted by key, as [`Pending`] and [`Cached`] hold them) as a
+/// JSON object.
+pub(crate) fn tags_to_json(tags: &[(String, String)]) -> String {
+    let map: BTreeMap<&str, &str> = tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    // A map of strings always serialises.
+    serde_json::to_string(&map).unwrap_or_else(|_| "{}".to_string())
+}
+
+/// Parses tags as stored. Anything but an object of strings (someone edited the row by
+/// hand) counts as no tags, so the next reading that carries tags rewrites it.
+pub(crate) fn tags_from_json(json: &str) -> Vec<(String, String)> {
+    match serde_json::from_str::<BTreeMap<String, String>>(json) {
+        Ok(map) => map.into_iter().collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring malformed series tags");
+            Vec::new()
+        }
+    }
+}
+
+/// Sorts tags by key, the last value of a repeated key winning.
+fn normalize_tags(tags: &[(String, String)]) -> Vec<(String, String)> {
+    let map: BTreeMap<&str, &str> = tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    map.into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Whether `given` (as a reading carries them) is the same set as `cached` (sorted),
+/// without allocating in the common case.
+fn same_tags(cached: &[(String, String)], given: &[(String, String)]) -> bool {
+    if given.len() != cached.len() {
+        // Duplicated keys could still normalise to `cached`; rare enough to allocate.
+        return given.len() > cached.len() && normalize_tags(given) == cached;
+    }
+    let all_found = given.iter().all(|(k, v)| {
+        cached
+            .binary_search_by(|(ck, _)| ck.as_str().cmp(k))
+            .is_ok_and(|i| cached[i].1 == *v)
+    });
+    // Equal lengths and every given pair found: equal sets, unless a key repeats (then
+    // some cached key is missing). Tags are few, so the quadratic check is cheap.
+    all_found
+        && given
+            .iter()
+            .enumerate()
+            .all(|(i, (k, _))| given[..i].iter().all(|(pk, _)| pk != k))
+}
+
+/// What the cache knows about one series; mirrors its committed row.
+#[derive(Debug, Clone)]
+struct Cached {
+    id: i64,
+    unit: Option<String>,
+    /// Sorted by key.
+    tags: Vec<(String, String)>,
+}
+
+/// How a reading of a batch refers to its series.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum SeriesRef {
+    /// Known, committed, and its unit and tags need no update.
+    Id(i64),
+    /// Index into [`Plan::pending`]: the backend resolves (and maybe updates) it first.
+    Pending(usize),
+}
+
+/// A series the backend must look up, create or update before writing the batch.
+#[derive(Debug, Clone)]
+pub(crate) struct Pending {
+    pub device: String,
+    pub sensor: String,
+    /// The latest unit the batch carries for it, if any.
+    pub unit: Option<String>,
+    /// The latest non-empty tags the batch carries for it, sorted; empty if none.
+    pub tags: Vec<(String, String)>,
+}
+
+/// The row a pending series ends up with, to be remembered once committed.
+#[derive(Debug, Clone)]
+pub(crate) struct Resolved {
+    pub id: i64,
+    pub unit: Option<String>,
+    pub tags: Vec<(String, String)>,
+}
+
+/// A pending series merged with the row found in the database.
+pub(crate) struct Merged {
+    pub resolved: Resolved,
+    /// True when the row must be updated to `resolved`'s unit and tags.
+    pub changed: bool,
+}
+
+impl Pending {
+    /// Merges with the stored row: what the batch carries wins, what it lacks is kept.
+    pub(crate) fn merge(&self, id: i64, db_unit: Option<String>, db_tags: &str) -> Merged {
+        let db_tags = tags_from_json(db_tags);
+        let unit = self.unit.clone().or(db_unit.clone());
+        let tags = if self.tags.is_empty() {
+            db_tags.clone()
+        } else {
+            self.tags.clone()
+        };
+        let changed = unit != db_unit || tags != db_tags;
+        Merged {
+            resolved: Resolved { id, unit, tags },
+            changed,
+        }
+    }
+
+    /// The row a newly created series gets.
+    pub(crate) fn created(&self, id: i64) -> Resolved {
+        Resolved {
+            id,
+            unit: self.unit.clone(),
+            tags: self.tags.clone(),
+        }
+    }
+}
+
+/// A batch's series, split into those the cache resolved and those the backend must.
+#[derive(Debug, Default)]
+pub(crate) struct Plan {
+    /// One per record of the batch, in order.
+    pub refs: Vec<SeriesRef>,
+    pub pending: Vec<Pending>,
+}
+
+impl Plan {
+    /// The series id of record `i`'s series, once `resolved` (one per pending) is known.
+    pub(crate) fn id(r: SeriesRef, resolved: &[Resolved]) -> i64 {
+        match r {
+            SeriesRef::Id(id) => id,
+            SeriesRef::Pending(p) => resolved[p].id,
+        }
+    }
+}
+
+/// In-process cache `device → sensor → series`, shared by every write.
+///
+/// It only ever holds committed rows (entries are added after the transaction that wrote
+/// them commits) and series rows are never deleted, so an entry is never stale in a way
+/// that matters: at worst its unit or tags lag behind a concurrent writer's, and the next
+/// reading that carries a different one updates the row again.
+#[derive(Debug, Default)]
+pub(crate) struct SeriesCache {
+    // A std mutex: lookups and inserts are short, never held across an await, and a
+    // batch takes it once, not once per reading.
+    map: Mutex<HashMap<String, HashMap<String, Cached>>>,
+}
+
+impl SeriesCache {
+    /// Resolves every record's series from the cache; records whose series is unknown, or
+    /// whose unit or tags differ from the stored ones, become [`Pending`].
+    pub(crate) fn plan(&self, batch: &[Record]) -> Result<Plan> {
+        let map = self
+            .map
+            .lock()
+            .map_err(|_| StoreError::Task("series cache mutex poisoned".into()))?;
+        let mut plan = Plan {
+            refs: Vec::with_capacity(batch.len()),
+            pending: Vec::new(),
+        };
+        let mut pending_index: HashMap<(&str, &str), usize> = HashMap::new();
+        for record in batch {
+            let r = &record.reading;
+            let hit = map
+                .get(r.device.as_str())
+                .and_then(|sensors| sensors.get(r.sensor.as_str()))
+                .filter(|c| {
+                    (r.unit.is_none() || r.unit == c.unit)
+                        && (r.tags.is_empty() || same_tags(&c.tags, &r.tags))
+                });
+            if let Some(c) = hit {
+                plan.refs.push(SeriesRef::Id(c.id));
+                continue;
+            }
+            let key = (r.device.as_str(), r.sensor.as_str());
+            let idx = *pending_index.entry(key).or_insert_with(|| {
+                plan.pending.push(Pending {
+                    device: r.device.clone(),
+                    sensor: r.sensor.clone(),
+                    unit: None,
+                    tags: Vec::new(),
+                });
+                plan.pending.len() - 1
+            });
+            let p = &mut plan.pending[idx];
+            if r.unit.is_some() {
+                p.unit.clone_from(&r.unit);
+            }
+            if !r.tags.is_empty() {
+                p.tags = normalize_tags(&r.tags);
+            }
+            plan.refs.push(SeriesRef::Pending(idx));
+        }
+        Ok(plan)
+    }
+
+    /// Records committed series rows.
+    pub(crate) fn remember(&self, pending: &[Pending], resolved: &[Resolved]) -> Result<()> {
+        let mut map = self
+            .map
+            .lock()
+            .map_err(|_| StoreError::Task("series cache mutex poisoned".into()))?;
+        for (p, r) in pending.iter().zip(resolved) {
+            map.entry(p.device.clone()).or_default().insert(
+                p.sensor.clone(),
+                Cached {
+                    id: r.id,
+                    unit: r.unit.clone(),
+                    tags: r.tags.clone(),
+                },
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn tag_equality() {
+        let cached = t(&[("line", "3"), ("site", "a")]);
+        let cases: &[(&[(&str, &str)], bool)] = &[
+            (&[("line", "3"), ("site", "a")], true),
+            (&[("site", "a"), ("line", "3")], true),
+            (&[("site", "a"), ("line", "4")], false),
+            (&[("site", "a")], false),
+            (&[("site", "a"), ("site", "a")], false),
+            (&[("site", "b"), ("line", "3"), ("site", "a")], true),
+            (&[("site", "a"), ("line", "3"), ("zone", "1")], false),
+        ];
+        for (given, want) in cases {
+            assert_eq!(same_tags(&cached, &t(given)), *want, "{given:?}");
+        }
+    }
+
+    #[test]
+    fn minutes() {
+        let cases = [
+            (0, 0),
+            (59_999_999, 0),
+            (60_000_000, 60_000_000),
+            (-1, -60_000_000),
+            (1_771_149_659_000_001, 1_771_149_600_000_000),
+        ];
+        for (ts, want) in cases {
+            assert_eq!(minute_of(ts), want, "{ts}");
+        }
+        assert_eq!(minute_of(MIN_TS_MICROS) % 60_000_000, 0);
+        assert_eq!(minute_of(MAX_TS_MICROS) % 60_000_000, 0);
+    }
+
+    #[test]
+    fn tags_json_round_trip() {
+        let tags = t(&[("line", "3"), ("site", "a\"b")]);
+        assert_eq!(tags_from_json(&tags_to_json(&tags)), tags);
+        assert_eq!(tags_to_json(&[]), "{}");
+        assert!(tags_from_json("[1]").is_empty());
+    }
+}

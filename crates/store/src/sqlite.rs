@@ -1,0 +1,675 @@
+//! The embedded backend: one SQLite file, no server.
+//!
+//! SQLite calls block, so every one runs on tokio's blocking pool, never on the async
+//! runtime. Writes go through a single connection (SQLite admits one writer at a time
+//! anyway); reads use their own connections, which in WAL mode see the last committed
+//! state without waiting for a write in progress.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use fleetpipe_proto::Timestamp;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+
+use crate::migrations::{self, SQLITE as MIGRATIONS};
+use crate::series::{
+    check_records, check_snapshots, minute_of, tags_to_json, Pending, Plan, Resolved, SeriesCache,
+    SeriesRef,
+};
+use crate::{Point, Range, Record, Result, Rollup, Snapshot, Store, StoreError};
+
+/// How long a statement waits for another process's lock before failing with "busy".
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Idle reader connections kept open; more are opened when reads run concurrently.
+const MAX_IDLE_READERS: usize = 4;
+
+/// Marks a reading without a quality flag in [`Row::quality`].
+const NO_QUALITY: u32 = u32::MAX;
+
+/// A [`Store`] in one SQLite file. Cheap to clone; clones share the connections.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    // A std mutex around the one writer connection: `rusqlite::Connection` is not `Sync`,
+    // SQLite serialises writers anyway (queueing them here is cheaper than letting them
+    // spin on SQLITE_BUSY), and it is only ever locked on a blocking-pool thread, never
+    // across an await.
+    writer: Mutex<Connection>,
+    /// `None` for an in-memory database, which other connections cannot see: reads then
+    /// go through the writer.
+    readers: Option<ReaderPool>,
+    series: SeriesCache,
+}
+
+struct ReaderPool {
+    path: String,
+    // Short critical sections (push/pop), so a std mutex.
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed, with its parent directory) the database at `path`,
+    /// switches it to WAL with full fsync on commit, and applies pending migrations.
+    /// `:memory:` gives a private in-memory database, handy in tests.
+    pub async fn open(path: &str) -> Result<Self> {
+        let path = path.to_string();
+        let inner = blocking(move || Inner::open(path)).await?;
+        Ok(SqliteStore {
+            inner: Arc::new(inner),
+        })
+    }
+
+    async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        blocking(move || inner.read(f)).await
+    }
+
+    async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner, &mut Connection) -> Result<T> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        blocking(move || {
+            let mut conn = inner.writer()?;
+            f(&inner, &mut conn)
+        })
+        .await
+    }
+}
+
+/// Runs blocking SQLite work off the async runtime.
+async fn blocking<T, F>(f: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Task(format!("sqlite task: {e}")))?
+}
+
+impl Inner {
+    fn open(path: String) -> Result<Inner> {
+        create_parent_dir(&path)?;
+        let mut conn = Connection::open(&path)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        let in_memory = mode.eq_ignore_ascii_case("memory");
+        if !in_memory && !mode.eq_ignore_ascii_case("wal") {
+            // Still correct and durable, but readers will wait behind writers.
+            tracing::warn!(%path, journal_mode = %mode, "sqlite could not switch to WAL");
+        }
+        // FULL: in WAL mode, NORMAL may lose the last commits on power loss, and we
+        // acknowledge messages as soon as a commit returns.
+        conn.execute_batch(
+            "PRAGMA synchronous = FULL;
+             PRAGMA temp_store = MEMORY;
+             PRAGMA cache_size = -65536;",
+        )?;
+        conn.set_prepared_statement_cache_capacity(32);
+        migrate(&mut conn)?;
+        Ok(Inner {
+            writer: Mutex::new(conn),
+            readers: (!in_memory).then(|| ReaderPool {
+                path,
+                idle: Mutex::new(Vec::new()),
+            }),
+            series: SeriesCache::default(),
+        })
+    }
+
+    fn writer(&self) -> Result<MutexGuard<'_, Connection>> {
+        self.writer
+            .lock()
+            .map_err(|_| StoreError::Task("sqlite writer mutex poisoned".into()))
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let Some(pool) = &self.readers else {
+            let conn = self.writer()?;
+            return f(&conn);
+        };
+        let idle = pool
+            .idle
+            .lock()
+            .map_err(|_| StoreError::Task("sqlite reader pool mutex poisoned".into()))?
+            .pop();
+        let conn = match idle {
+            Some(conn) => conn,
+            None => open_reader(&pool.path)?,
+        };
+        let result = f(&conn);
+        if let Ok(mut idle) = pool.idle.lock() {
+            if idle.len() < MAX_IDLE_READERS {
+                idle.push(conn);
+            }
+        }
+        result
+    }
+}
+
+fn create_parent_dir(path: &str) -> Result<()> {
+    // URIs (`file:…`) and `:memory:` name no directory of ours to create.
+    if path == ":memory:" || path.starts_with("file:") {
+        return Ok(());
+    }
+    match Path::new(path).parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Url {
+                url: path.to_string(),
+                reason: format!("cannot create directory {}: {e}", dir.display()),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+fn open_reader(path: &str) -> Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    // Read-write flags with query_only rather than a read-only open: a read-only
+    // connection cannot always use the WAL's shared-memory file.
+    conn.execute_batch("PRAGMA query_only = ON; PRAGMA cache_size = -16384;")?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    for m in MIGRATIONS {
+        // IMMEDIATE takes the write lock up front, so two processes opening the same new
+        // file apply each migration once.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute_batch(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version    INTEGER PRIMARY KEY,
+                 applied_at TEXT NOT NULL
+             )",
+        )?;
+        let newest: Option<i64> =
+            tx.query_row("SELECT max(version) FROM schema_migrations", [], |r| {
+                r.get(0)
+            })?;
+        migrations::check_not_newer(newest, MIGRATIONS)?;
+        let applied: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM schema_migrations WHERE version = ?1)",
+            [m.version],
+            |r| r.get(0),
+        )?;
+        if !applied {
+            tx.execute_batch(m.sql).map_err(|e| StoreError::Migration {
+                version: m.version,
+                reason: e.to_string(),
+            })?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied_at)
+                 VALUES (?1, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
+                [m.version],
+            )?;
+            tracing::info!(version = m.version, "applied sqlite migration");
+        }
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// One reading, reduced to what the writer thread needs: no strings, so a batch crosses
+/// to the blocking pool without a per-reading allocation.
+struct Row {
+    series: SeriesRef,
+    ts: i64,
+    seq: i64,
+    value: f64,
+    /// Index into [`Rows::qualities`], or [`NO_QUALITY`].
+    quality: u32,
+}
+
+/// A batch ready for the writer thread.
+struct Rows {
+    rows: Vec<Row>,
+    /// The distinct quality flags of the batch (there are a handful at most).
+    qualities: Vec<String>,
+    pending: Vec<Pending>,
+}
+
+impl Rows {
+    fn new(batch: &[Record], plan: Plan) -> Result<Rows> {
+        let mut interned: HashMap<&str, u32> = HashMap::new();
+        let mut qualities = Vec::new();
+        let mut rows = Vec::with_capacity(batch.len());
+        for (record, series) in batch.iter().zip(plan.refs) {
+            let r = &record.reading;
+            let quality = match r.quality.as_deref() {
+                None => NO_QUALITY,
+                Some(q) => *interned.entry(q).or_insert_with(|| {
+                    qualities.push(q.to_string());
+                    // A batch cannot hold anywhere near u32::MAX distinct strings.
+                    u32::try_from(qualities.len() - 1).unwrap_or(NO_QUALITY)
+                }),
+            };
+            rows.push(Row {
+                series,
+                ts: r.ts.as_micros(),
+                seq: i64::try_from(record.seq)
+                    .map_err(|_| StoreError::Invalid(format!("sequence {}", record.seq)))?,
+                value: r.value,
+                quality,
+            });
+        }
+        Ok(Rows {
+            rows,
+            qualities,
+            pending: plan.pending,
+        })
+    }
+}
+
+/// Running aggregate of the new readings of one (series, minute) in one batch.
+struct Agg {
+    count: i64,
+    sum: f64,
+    min: f64,
+    max: f64,
+    last: f64,
+    last_ts: i64,
+    last_seq: i64,
+}
+
+impl Agg {
+    fn first(r: &Row) -> Agg {
+        Agg {
+            count: 1,
+            sum: r.value,
+            min: r.value,
+            max: r.value,
+            last: r.value,
+            last_ts: r.ts,
+            last_seq: r.seq,
+        }
+    }
+
+    fn add(&mut self, r: &Row) {
+        self.count += 1;
+        self.sum += r.value;
+        self.min = self.min.min(r.value);
+        self.max = self.max.max(r.value);
+        if (r.ts, r.seq) > (self.last_ts, self.last_seq) {
+            self.last = r.value;
+            self.last_ts = r.ts;
+            self.last_seq = r.seq;
+        }
+    }
+}
+
+const INSERT_READING: &str = "INSERT INTO readings (series_id, ts, seq, value, quality)
+     VALUES (?1, ?2, ?3, ?4, ?5)
+     ON CONFLICT DO NOTHING";
+
+// `last` moves only to a strictly newer (ts, seq): merging in an older batch late, or the
+// same reading again, leaves it alone.
+const UPSERT_ROLLUP: &str = "INSERT INTO rollups_1m AS r
+         (series_id, minute, count, sum, min, max, last, last_ts, last_seq)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+     ON CONFLICT (series_id, minute) DO UPDATE SET
+         count = r.count + excluded.count,
+         sum = r.sum + excluded.sum,
+         min = min(r.min, excluded.min),
+         max = max(r.max, excluded.max),
+         last = CASE WHEN (excluded.last_ts, excluded.last_seq) > (r.last_ts, r.last_seq)
+                     THEN excluded.last ELSE r.last END,
+         last_ts = CASE WHEN (excluded.last_ts, excluded.last_seq) > (r.last_ts, r.last_seq)
+                        THEN excluded.last_ts ELSE r.last_ts END,
+         last_seq = CASE WHEN (excluded.last_ts, excluded.last_seq) > (r.last_ts, r.last_seq)
+                         THEN excluded.last_seq ELSE r.last_seq END";
+
+/// Writes a batch in one transaction: series, readings, then the rollups of the readings
+/// that were new.
+fn write_rows(inner: &Inner, conn: &mut Connection, batch: Rows) -> Result<u64> {
+    let Rows {
+        mut rows,
+        qualities,
+        pending,
+    } = batch;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let resolved = resolve_series(&tx, &pending)?;
+    for row in &mut rows {
+        row.series = SeriesRef::Id(Plan::id(row.series, &resolved));
+    }
+    // Key order, so consecutive inserts tend to touch the same B-tree pages instead of
+    // hopping between series.
+    rows.sort_unstable_by_key(|r| (Plan::id(r.series, &resolved), r.ts, r.seq));
+    let mut new = 0u64;
+    let mut rollups: HashMap<(i64, i64), Agg> = HashMap::new();
+    {
+        let mut insert = tx.prepare_cached(INSERT_READING)?;
+        for row in &rows {
+            let series_id = Plan::id(row.series, &resolved);
+            let quality = qualities.get(row.quality as usize).map(String::as_str);
+            // Rows affected tells a new reading from one stored before.
+            if insert.execute(params![series_id, row.ts, row.seq, row.value, quality])? == 0 {
+                continue;
+            }
+            new += 1;
+            rollups
+                .entry((series_id, minute_of(row.ts)))
+                .and_modify(|a| a.add(row))
+                .or_insert_with(|| Agg::first(row));
+        }
+        let mut upsert = tx.prepare_cached(UPSERT_ROLLUP)?;
+        for (&(series_id, minute), a) in &rollups {
+            upsert.execute(params![
+                series_id, minute, a.count, a.sum, a.min, a.max, a.last, a.last_ts, a.last_seq
+            ])?;
+        }
+    }
+    tx.commit()?;
+    // Still under the writer lock, so the cache learns series in commit order.
+    inner.series.remember(&pending, &resolved)?;
+    Ok(new)
+}
+
+/// Finds, creates or updates the batch's pending series, inside the write transaction.
+fn resolve_series(tx: &Connection, pending: &[Pending]) -> Result<Vec<Resolved>> {
+    let mut out = Vec::with_capacity(pending.len());
+    if pending.is_empty() {
+        return Ok(out);
+    }
+    let mut select =
+        tx.prepare_cached("SELECT id, unit, tags FROM series WHERE device = ?1 AND sensor = ?2")?;
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO series (device, sensor, unit, tags) VALUES (?1, ?2, ?3, ?4) RETURNING id",
+    )?;
+    let mut update = tx.prepare_cached("UPDATE series SET unit = ?2, tags = ?3 WHERE id = ?1")?;
+    for p in pending {
+        let found = select
+            .query_row(params![p.device, p.sensor], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Option<String>>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })
+            .optional()?;
+        let resolved = match found {
+            Some((id, unit, tags)) => {
+                let merged = p.merge(id, unit, &tags);
+                if merged.changed {
+                    let r = &merged.resolved;
+                    update.execute(params![id, r.unit, tags_to_json(&r.tags)])?;
+                }
+                merged.resolved
+            }
+            None => {
+                let id: i64 = insert.query_row(
+                    params![p.device, p.sensor, p.unit, tags_to_json(&p.tags)],
+                    |r| r.get(0),
+                )?;
+                p.created(id)
+            }
+        };
+        out.push(resolved);
+    }
+    Ok(out)
+}
+
+fn limit_param(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+fn snapshot_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, i64, String)> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+}
+
+fn parse_values(device: &str, json: &str) -> Result<std::collections::BTreeMap<String, f64>> {
+    serde_json::from_str(json).map_err(|e| {
+        StoreError::Task(format!(
+            "snapshot of {device:?} holds malformed values: {e}"
+        ))
+    })
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn write_readings(&self, batch: &[Record]) -> Result<u64> {
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        check_records(batch)?;
+        let plan = self.inner.series.plan(batch)?;
+        let rows = Rows::new(batch, plan)?;
+        self.write(move |inner, conn| write_rows(inner, conn, rows))
+            .await
+    }
+
+    async fn write_snapshots(&self, rows: &[Snapshot]) -> Result<u64> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        check_snapshots(rows)?;
+        let mut owned = Vec::with_capacity(rows.len());
+        for s in rows {
+            let values = serde_json::to_string(&s.values)
+                .map_err(|e| StoreError::Invalid(format!("snapshot of {:?}: {e}", s.device)))?;
+            owned.push((s.device.clone(), s.ts.as_micros(), values));
+        }
+        self.write(move |_, conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut new = 0u64;
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO snapshots (device, ts, \"values\") VALUES (?1, ?2, ?3)
+                     ON CONFLICT DO NOTHING",
+                )?;
+                for (device, ts, values) in &owned {
+                    new += insert.execute(params![device, ts, values])? as u64;
+                }
+            }
+            tx.commit()?;
+            Ok(new)
+        })
+        .await
+    }
+
+    async fn history(
+        &self,
+        device: &str,
+        sensor: &str,
+        range: Range,
+        limit: usize,
+    ) -> Result<Vec<Point>> {
+        let (device, sensor) = (device.to_string(), sensor.to_string());
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT ts, value, quality FROM readings
+                 WHERE series_id = (SELECT id FROM series WHERE device = ?1 AND sensor = ?2)
+                   AND ts >= ?3 AND ts < ?4
+                 ORDER BY ts, seq
+                 LIMIT ?5",
+            )?;
+            let rows = stmt.query_map(
+                params![
+                    device,
+                    sensor,
+                    range.from.as_micros(),
+                    range.to.as_micros(),
+                    limit_param(limit)
+                ],
+                |r| {
+                    Ok(Point {
+                        ts: Timestamp::from_micros(r.get(0)?),
+                        value: r.get(1)?,
+                        quality: r.get(2)?,
+                    })
+                },
+            )?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn rollups(&self, device: &str, sensor: &str, range: Range) -> Result<Vec<Rollup>> {
+        let (device, sensor) = (device.to_string(), sensor.to_string());
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT minute, count, sum, min, max, last FROM rollups_1m
+                 WHERE series_id = (SELECT id FROM series WHERE device = ?1 AND sensor = ?2)
+                   AND minute >= ?3 AND minute < ?4
+                 ORDER BY minute",
+            )?;
+            let rows = stmt.query_map(
+                params![device, sensor, range.from.as_micros(), range.to.as_micros()],
+                |r| {
+                    let count: i64 = r.get(1)?;
+                    let sum: f64 = r.get(2)?;
+                    Ok(Rollup {
+                        minute: Timestamp::from_micros(r.get(0)?),
+                        count: u64::try_from(count).unwrap_or(0),
+                        min: r.get(3)?,
+                        max: r.get(4)?,
+                        avg: sum / count as f64,
+                        last: r.get(5)?,
+                    })
+                },
+            )?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn snapshots(
+        &self,
+        device: Option<&str>,
+        range: Range,
+        limit: usize,
+    ) -> Result<Vec<Snapshot>> {
+        let device = device.map(str::to_string);
+        let (from, to, limit) = (
+            range.from.as_micros(),
+            range.to.as_micros(),
+            limit_param(limit),
+        );
+        self.read(move |conn| {
+            // Two statements rather than `?1 IS NULL OR device = ?1`, so each gets the
+            // index that fits it.
+            let rows = match &device {
+                Some(d) => conn
+                    .prepare_cached(
+                        "SELECT device, ts, \"values\" FROM snapshots
+                         WHERE device = ?1 AND ts >= ?2 AND ts < ?3
+                         ORDER BY ts, device LIMIT ?4",
+                    )?
+                    .query_map(params![d, from, to, limit], snapshot_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?,
+                None => conn
+                    .prepare_cached(
+                        "SELECT device, ts, \"values\" FROM snapshots
+                         WHERE ts >= ?1 AND ts < ?2
+                         ORDER BY ts, device LIMIT ?3",
+                    )?
+                    .query_map(params![from, to, limit], snapshot_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?,
+            };
+            rows.into_iter()
+                .map(|(device, ts, values)| {
+                    let values = parse_values(&device, &values)?;
+                    Ok(Snapshot {
+                        device,
+                        ts: Timestamp::from_micros(ts),
+                        values,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn count_readings(&self) -> Result<u64> {
+        self.read(|conn| {
+            let n: i64 = conn.query_row("SELECT count(*) FROM readings", [], |r| r.get(0))?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn prune_readings(&self, before: Timestamp) -> Result<u64> {
+        self.write(move |_, conn| {
+            // Naming every series lets SQLite walk the primary key (series_id, ts) per
+            // series instead of scanning the whole table.
+            let n = conn.execute(
+                "DELETE FROM readings
+                 WHERE series_id IN (SELECT id FROM series) AND ts < ?1",
+                [before.as_micros()],
+            )?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.read(|conn| {
+            conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn writer_is_wal_with_full_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a/b/fleet.db");
+        let store = SqliteStore::open(path.to_str().unwrap()).await.unwrap();
+        let conn = store.inner.writer().unwrap();
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        let sync: i64 = conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        assert_eq!(sync, 2, "synchronous = FULL");
+    }
+
+    #[tokio::test]
+    async fn prune_walks_the_primary_key() {
+        let store = SqliteStore::open(":memory:").await.unwrap();
+        let conn = store.inner.writer().unwrap();
+        let plan: Vec<String> = conn
+            .prepare(
+                "EXPLAIN QUERY PLAN DELETE FROM readings
+                 WHERE series_id IN (SELECT id FROM series) AND ts < 0",
+            )
+            .unwrap()
+            .query_map([], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert!(
+            plan.iter()
+                .any(|step| step.contains("PRIMARY KEY (series_id=? AND ts<?)")),
+            "{plan:?}"
+        );
+    }
+}
