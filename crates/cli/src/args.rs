@@ -132,6 +132,9 @@ pub struct AggregateArgs {
     /// Time between snapshot rows (minimum 100ms).
     #[arg(long, value_parser = parse_duration)]
     pub interval: Option<Duration>,
+    /// Print a JSON summary of the counters at exit.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -37,7 +37,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 config.aggregator.interval = i;
             }
             validate(&config)?;
-            aggregate(config).await
+            aggregate(config, a.json).await
         }
         Command::Simulate(a) => simulate_cmd(config, a).await,
         Command::Init => init(config).await,
@@ -283,6 +283,7 @@ async fn run_up(config: &Config, a: &UpArgs, payload: PayloadForm) -> Result<()>
             );
         }
     }
+    drain(broker.consumer.clone()).await;
     stop_pipeline.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(30), collectors).await;
     let _ = tokio::time::timeout(Duration::from_secs(10), aggregator).await;
@@ -290,6 +291,20 @@ async fn run_up(config: &Config, a: &UpArgs, payload: PayloadForm) -> Result<()>
     flush(&client).await;
     print_counters(&stats.snapshot());
     Ok(())
+}
+
+/// Lets the collectors catch up with what the simulator published, for up to 10 s; what is
+/// left waits safely in JetStream for the next start.
+async fn drain(mut consumer: async_nats::jetstream::consumer::PullConsumer) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline {
+        match consumer.info().await {
+            Ok(i) if i.num_pending == 0 && i.num_ack_pending == 0 => return,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(_) => return,
+        }
+    }
+    tracing::info!("backlog left in JetStream; the next start collects it");
 }
 
 fn print_counters(s: &StatsSnapshot) {
@@ -367,7 +382,7 @@ async fn collect(config: Config, json: bool) -> Result<()> {
     }
 }
 
-async fn aggregate(config: Config) -> Result<()> {
+async fn aggregate(config: Config, json: bool) -> Result<()> {
     let (client, broker) = connect(&config, "fleetpipe-aggregate").await?;
     let store = open_store(&config).await?;
     let stats = Arc::new(Stats::default());
@@ -387,6 +402,9 @@ async fn aggregate(config: Config) -> Result<()> {
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
     flush(&client).await;
+    if json {
+        return print_json(&stats.snapshot());
+    }
     print_counters(&stats.snapshot());
     Ok(())
 }

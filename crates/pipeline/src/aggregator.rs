@@ -70,9 +70,13 @@ impl Aggregator {
         // A std mutex: the watch task and the tick take it for map updates and one copy,
         // never across an await.
         let mirror: Arc<Mutex<Mirror>> = Arc::default();
+        // Set once the mirror holds every key the bucket had at start: writing before that
+        // would store partial rows.
+        let loaded = Arc::new(AtomicBool::new(false));
         let watcher = tokio::spawn(watch_state(
             self.state.clone(),
             mirror.clone(),
+            loaded.clone(),
             shutdown.clone(),
         ));
         let interval_us = self.interval.as_micros() as i64;
@@ -98,6 +102,9 @@ impl Aggregator {
                 }
             }
             last_tick = Some(tick);
+            if !loaded.load(Ordering::Acquire) {
+                continue;
+            }
             if !self.lease.hold().await {
                 Stats::add(&self.stats.aggregator_standby, 1);
                 continue;
@@ -156,9 +163,20 @@ fn snapshot_rows(mirror: &Mutex<Mirror>, ts: Timestamp) -> Vec<Snapshot> {
 }
 
 /// Keeps `mirror` equal to the state bucket, re-watching after errors.
-async fn watch_state(state: kv::Store, mirror: Arc<Mutex<Mirror>>, shutdown: CancellationToken) {
+async fn watch_state(
+    state: kv::Store,
+    mirror: Arc<Mutex<Mirror>>,
+    loaded: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) {
     while !shutdown.is_cancelled() {
-        let mut watch = match state.watch_all().await {
+        if let Ok(status) = state.status().await {
+            if status.values() == 0 {
+                loaded.store(true, Ordering::Release);
+            }
+        }
+        // With history: the last value of every key first, then changes.
+        let mut watch = match state.watch_with_history(">").await {
             Ok(w) => w,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot watch the state bucket; retrying");
@@ -167,7 +185,17 @@ async fn watch_state(state: kv::Store, mirror: Arc<Mutex<Mirror>>, shutdown: Can
             }
         };
         while let Some(entry) = watch.next().await {
-            let Ok(entry) = entry else { break };
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(error = %e, "state watch failed; re-watching");
+                    break;
+                }
+            };
+            if entry.delta == 0 {
+                // The last of the replayed values (and every live change after it).
+                loaded.store(true, Ordering::Release);
+            }
             let Some((device, sensor)) = split_key(&entry.key) else {
                 continue;
             };

@@ -22,10 +22,12 @@ pub struct StateEntry {
 
 /// The latest state of every sensor (of one device, or all), sorted by device and sensor.
 pub async fn latest_state(state: &kv::Store, device: Option<&str>) -> Result<Vec<StateEntry>> {
-    let mut watch = match device {
-        Some(d) => state.watch(format!("{d}.>")).await?,
-        None => state.watch_all().await?,
+    let filter = match device {
+        Some(d) => format!("{d}.>"),
+        None => ">".to_string(),
     };
+    // With history: the last value of each key, then changes (which we do not wait for).
+    let mut watch = state.watch_with_history(filter).await?;
     let mut out = Vec::new();
     // The watch first replays the last value of each key, the last of them with delta 0;
     // an empty result sends nothing, hence the idle timeout.

@@ -1,0 +1,9 @@
+//! End-to-end tests: the real `fleetpipe` binary against a real nats-server and a real
+//! store (embedded SQLite, and PostgreSQL started by the test). One test binary for the
+//! crate keeps link times down.
+
+mod aggregator;
+mod bad_input;
+mod clients;
+mod exactly_once;
+mod support;

@@ -1,0 +1,185 @@
+//! A fleetpipe deployment for one test: nats-server, store, config, processes.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use fleetpipe_store::{Range, Store};
+use fleetpipe_testkit::{NatsServer, PgServer};
+
+pub struct Env {
+    pub nats: NatsServer,
+    pub dir: tempfile::TempDir,
+    pub store_url: String,
+    _pg: Option<PgServer>,
+}
+
+/// Settings that make redelivery after a crash quick enough for a test.
+const TEST_CONFIG: &str = r#"
+[collector]
+ack_wait = "2s"
+batch_size = 500
+max_payload_bytes = 4096
+"#;
+
+impl Env {
+    pub fn sqlite() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let store_url = format!("sqlite://{}", dir.path().join("fleetpipe.db").display());
+        Self::with(dir, store_url, None)
+    }
+
+    /// `None` only when `FLEETPIPE_SKIP_PG=1` outside CI.
+    pub fn postgres(db: &str) -> Option<Env> {
+        let pg = PgServer::start_or_skip()?;
+        let url = pg.create_database(db);
+        Some(Self::with(tempfile::tempdir().unwrap(), url, Some(pg)))
+    }
+
+    fn with(dir: tempfile::TempDir, store_url: String, pg: Option<PgServer>) -> Env {
+        std::fs::write(dir.path().join("fleetpipe.toml"), TEST_CONFIG).unwrap();
+        Env {
+            nats: NatsServer::start(),
+            dir,
+            store_url,
+            _pg: pg,
+        }
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("fleetpipe.toml")
+    }
+
+    /// `fleetpipe <args>` wired to this environment.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_fleetpipe"));
+        c.args(["--nats-url", &self.nats.url(), "--store", &self.store_url])
+            .arg("--config")
+            .arg(self.config_path())
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .args(args)
+            .env("FLEETPIPE_LOG", "warn")
+            .env_remove("FLEETPIPE_CONFIG");
+        c
+    }
+
+    /// Starts a long-running subcommand; killed when the guard drops.
+    pub fn spawn(&self, args: &[&str]) -> Proc {
+        let child = self
+            .cmd(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        Proc(Some(child))
+    }
+
+    /// Runs a subcommand to completion and returns its stdout; panics on failure.
+    pub fn run(&self, args: &[&str]) -> String {
+        let out = self.cmd(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "fleetpipe {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub async fn js(&self) -> jetstream::Context {
+        jetstream::new(async_nats::connect(self.nats.url()).await.unwrap())
+    }
+
+    pub async fn store(&self) -> Arc<dyn Store> {
+        fleetpipe_store::open(&self.store_url).await.unwrap()
+    }
+}
+
+pub struct Proc(Option<Child>);
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.0.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// SIGKILL: no chance to finish anything.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns stdout.
+    pub fn stop(&mut self) -> String {
+        let Some(c) = self.0.take() else {
+            return String::new();
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "process exited with {}", out.status);
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Publishes through JetStream, awaiting every ack (in windows, for speed).
+pub async fn publish_all(js: &jetstream::Context, msgs: &[(String, String)]) {
+    for chunk in msgs.chunks(1000) {
+        let mut acks = Vec::with_capacity(chunk.len());
+        for (subject, payload) in chunk {
+            acks.push(
+                js.publish(subject.clone(), Bytes::from(payload.clone()))
+                    .await
+                    .unwrap(),
+            );
+        }
+        for ack in acks {
+            ack.await.unwrap();
+        }
+    }
+}
+
+/// Waits until the store holds `want` readings (or the deadline passes) and returns the
+/// count it saw last.
+pub async fn wait_for_count(store: &dyn Store, want: u64, timeout: Duration) -> u64 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let n = store.count_readings().await.unwrap();
+        if n >= want || Instant::now() > deadline {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn all_time() -> Range {
+    Range {
+        from: fleetpipe_proto::Timestamp::from_micros(0),
+        to: fleetpipe_proto::Timestamp::from_micros(i64::MAX / 2),
+    }
+}
+
+/// The values stored per (device, sensor), in time order.
+pub async fn stored_values(
+    store: &dyn Store,
+    series: impl IntoIterator<Item = (String, String)>,
+) -> HashMap<(String, String), Vec<f64>> {
+    let mut out = HashMap::new();
+    for (d, s) in series {
+        let points = store.history(&d, &s, all_time(), 1_000_000).await.unwrap();
+        out.insert((d, s), points.into_iter().map(|p| p.value).collect());
+    }
+    out
+}
