@@ -305,10 +305,9 @@ impl Config {
         if a.lease_ttl < Duration::from_secs(1) {
             problems.push("aggregator.lease_ttl must be at least 1s".into());
         }
+        let store_schemes = ["postgres://", "postgresql://", "sqlite://"];
         if !self.store.url.is_empty()
-            && !(self.store.url.starts_with("postgres://")
-                || self.store.url.starts_with("postgresql://")
-                || self.store.url.starts_with("sqlite://"))
+            && !store_schemes.iter().any(|p| self.store.url.starts_with(p))
         {
             problems.push(format!(
                 "store.url {:?} must start with postgres://, postgresql:// or sqlite://",

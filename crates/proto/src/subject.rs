@@ -218,6 +218,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::type_complexity)] // a table of cases reads best inline
     fn parses_subjects() {
         let default = SubjectTemplate::default();
         let deep = SubjectTemplate::parse("acme.{site}.{area}.{line}.{device}.{sensor}").unwrap();

@@ -11,9 +11,13 @@ use crate::support::*;
 
 const DEVICES: usize = 1000;
 
+/// (subject, payload) pairs and the (device, sensor, value) readings they carry.
+type Messages = Vec<(String, String)>;
+type Readings = Vec<(String, String, f64)>;
+
 /// Round `r` of the fleet: one message per device, cycling through the payload forms.
 /// Returns the messages and the readings they carry as (device, sensor, value).
-fn round(r: usize) -> (Vec<(String, String)>, Vec<(String, String, f64)>) {
+fn round(r: usize) -> (Messages, Readings) {
     let mut msgs = Vec::new();
     let mut readings = Vec::new();
     for d in 0..DEVICES {

@@ -24,6 +24,7 @@ fn summary(d: &Decoded) -> (Vec<(String, f64, i64)>, Vec<&'static str>) {
 }
 
 #[test]
+#[allow(clippy::type_complexity)] // a table of cases reads best inline
 fn good_payloads() {
     let r = RECEIVED.as_micros();
     let cases: &[(&str, &str, &[(&str, f64, i64)])] = &[
