@@ -1,5 +1,7 @@
 //! The latest-state KV bucket: key `<device>.<sensor>`, value a small JSON document.
 
+use std::collections::BTreeMap;
+
 use fleetpipe_proto::{Reading, Timestamp};
 use serde::{Deserialize, Serialize};
 
@@ -13,6 +15,9 @@ pub struct StateValue {
     pub unit: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quality: Option<String>,
+    /// Template tags (`site`, `line`…) and line-protocol tags of the reading.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
 }
 
 impl StateValue {
@@ -22,6 +27,7 @@ impl StateValue {
             ts: r.ts.as_micros(),
             unit: r.unit.clone(),
             quality: r.quality.clone(),
+            tags: r.tags.iter().cloned().collect(),
         }
     }
 
