@@ -10,4 +10,4 @@ eval "$(scripts/setup.sh run)"
 cargo build --release --quiet -p fleetpipe
 args=("$@")
 [[ " ${args[*]-} " == *" --simulate "* ]] || args=(--simulate 1000 "${args[@]}")
-exec target/release/fleetpipe up "${args[@]}"
+exec "${CARGO_TARGET_DIR:-target}/release/fleetpipe" up "${args[@]}"
