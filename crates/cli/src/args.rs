@@ -72,14 +72,20 @@ pub enum LogFormat {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the whole system on one machine: nats-server (unless --nats-url), collectors,
-    /// aggregator and, with --simulate, a simulated fleet. Ctrl-C stops it in order.
+    /// aggregator, the HTTP API and dashboard and, with --simulate, a simulated fleet.
+    /// Ctrl-C stops it in order.
     Up(UpArgs),
     /// Run collector workers: JetStream → store + latest state, bad input → dead letters.
     Collect(CollectArgs),
     /// Run the snapshot aggregator (several replicas may run; one writes).
     Aggregate(AggregateArgs),
+    /// Run the HTTP API and the dashboard alone (reads NATS and the store).
+    Serve(ServeArgs),
     /// Publish simulated vehicle telemetry.
     Simulate(SimulateArgs),
+    /// Measure the pipeline against the broker's own ceiling, on a nats-server of its own.
+    #[command(long_about = BENCH_ABOUT)]
+    Bench(BenchArgs),
     /// Create or update the broker objects and migrate the store, then exit.
     Init,
     /// Print the latest state of every device, or of one.
@@ -115,6 +121,18 @@ pub struct UpArgs {
     /// Aggregator interval (e.g. 1s, 100ms).
     #[arg(long, value_parser = parse_duration)]
     pub interval: Option<Duration>,
+    /// Address of the HTTP API and dashboard (IP:PORT; port 0 picks a free one).
+    /// Default: api.http, 127.0.0.1:8080.
+    #[arg(long, env = "FLEETPIPE_HTTP", value_name = "ADDR")]
+    pub http: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on (IP:PORT; port 0 picks a free one). Default: api.http,
+    /// 127.0.0.1:8080.
+    #[arg(long, env = "FLEETPIPE_HTTP", value_name = "ADDR")]
+    pub http: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -167,6 +185,55 @@ pub struct SimulateArgs {
     #[arg(long)]
     pub msg_ids: bool,
     /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+const BENCH_ABOUT: &str = "Measure the pipeline against the broker's own ceiling, in one run on \
+    this machine.\n\n\
+    Starts its own nats-server (temporary directory, free port) and, unless --store is given, a \
+    temporary SQLite store; --nats-url is not used. Then:\n\
+    1. ceiling: simulated vehicles publish flat out through JetStream into a consumer that acks \
+    and discards (no decode, no storage);\n\
+    2. pipeline: the same load through a `fleetpipe collect` child process (its peak RSS is \
+    read from /proc);\n\
+    3. latency: background load at half the pipeline's rate, and probe readings timed from \
+    publish to the latest-state bucket and to a queryable row (p50/p99/max);\n\
+    4. accounting: readings acknowledged by the stream against rows stored, dead letters.\n\n\
+    Prints a table with each target of the benchmark met or missed (--json: one JSON object on \
+    stdout); progress goes to stderr. Exits non-zero only when a reading was lost or stored \
+    twice. TMPDIR chooses the disk.";
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Simulated vehicles (GPS, speed, state of charge and torque: 5 readings each).
+    #[arg(long, default_value_t = 1000)]
+    pub devices: usize,
+    /// Length of each throughput phase (ceiling, pipeline).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Payload form: plain (one number per message), json, or lp (line-protocol batches).
+    #[arg(long, default_value = "plain")]
+    pub payload: String,
+    /// With --payload lp: 100 ms ticks of one vehicle per message (50: five seconds, about
+    /// 46 readings, as a device or Telegraf flushing a buffer).
+    #[arg(long, default_value_t = 50, value_name = "TICKS")]
+    pub lp_ticks: usize,
+    /// Collector workers (and ack-and-discard workers in the ceiling phase). Default: the
+    /// configuration's collector.workers.
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// NATS connections the simulated vehicles share.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Latency probes.
+    #[arg(long, default_value_t = 300)]
+    pub probes: usize,
+    /// A previous run's --json output: also compare the pipeline's readings/s with it
+    /// (e.g. 520,000 devices against 1,000).
+    #[arg(long, value_name = "FILE")]
+    pub baseline: Option<PathBuf>,
+    /// Print one JSON object with every figure on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
 }

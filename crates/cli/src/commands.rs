@@ -1,6 +1,6 @@
 //! One function per subcommand. Long-running ones stop on Ctrl-C or SIGTERM, in order:
 //! sources first (the simulator), then the collectors finish the batch in hand, then the
-//! aggregator, then the managed nats-server.
+//! aggregator, then the HTTP API, then the managed nats-server.
 
 use std::io::IsTerminal;
 use std::path::Path;
@@ -39,11 +39,19 @@ pub async fn run(cli: Cli) -> Result<()> {
             validate(&config)?;
             aggregate(config, a.json).await
         }
+        Command::Serve(a) => {
+            if let Some(h) = a.http {
+                config.api.http = h;
+            }
+            validate(&config)?;
+            serve(config).await
+        }
         Command::Simulate(a) => simulate_cmd(config, a).await,
         Command::Init => init(config).await,
         Command::State(a) => state(config, a).await,
         Command::History(a) => history(config, a).await,
         Command::DeadLetters(a) => dead_letters(config, a).await,
+        Command::Bench(a) => crate::bench::run(config, cli.global.store.clone(), a).await,
         Command::Config(a) => {
             if a.json {
                 print_json(&config)
@@ -178,6 +186,9 @@ async fn up(mut config: Config, a: UpArgs) -> Result<()> {
     if let Some(i) = a.interval {
         config.aggregator.interval = i;
     }
+    if let Some(h) = &a.http {
+        config.api.http = h.clone();
+    }
     validate(&config)?;
     let payload: PayloadForm = a.sim.payload.parse()?;
 
@@ -202,6 +213,15 @@ async fn run_up(config: &Config, a: &UpArgs, payload: PayloadForm) -> Result<()>
     let (client, broker) = connect(config, "fleetpipe-up").await?;
     let store = open_store(config).await?;
     let stats = Arc::new(Stats::default());
+    let api = fleetpipe_api::start(
+        config,
+        client.clone(),
+        &broker,
+        store.clone(),
+        stats.clone(),
+    )
+    .await?;
+    tracing::info!("dashboard on {}", api.url());
     tracing::info!(
         nats = %config.nats.url,
         store = %redact(&config.store_url()),
@@ -287,6 +307,7 @@ async fn run_up(config: &Config, a: &UpArgs, payload: PayloadForm) -> Result<()>
     stop_pipeline.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(30), collectors).await;
     let _ = tokio::time::timeout(Duration::from_secs(10), aggregator).await;
+    api.stop(Duration::from_secs(5)).await;
     progress.abort();
     flush(&client).await;
     print_counters(&stats.snapshot());
@@ -380,6 +401,19 @@ async fn collect(config: Config, json: bool) -> Result<()> {
         print_counters(&stats.snapshot());
         Ok(())
     }
+}
+
+/// The HTTP API and dashboard alone: mirrors the latest state, reads the store.
+async fn serve(config: Config) -> Result<()> {
+    let (client, broker) = connect(&config, "fleetpipe-serve").await?;
+    let store = open_store(&config).await?;
+    let stats = Arc::new(Stats::default());
+    let api = fleetpipe_api::start(&config, client.clone(), &broker, store, stats).await?;
+    tracing::info!("dashboard on {}; Ctrl-C stops", api.url());
+    shutdown_signal().await;
+    tracing::info!("stopping: finishing the requests in hand");
+    api.stop(Duration::from_secs(5)).await;
+    Ok(())
 }
 
 async fn aggregate(config: Config, json: bool) -> Result<()> {

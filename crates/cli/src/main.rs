@@ -1,6 +1,7 @@
 //! `fleetpipe`: one binary, one subcommand per part of the system.
 
 mod args;
+mod bench;
 mod commands;
 mod output;
 

@@ -22,6 +22,7 @@ pub struct Config {
     pub collector: CollectorConfig,
     pub aggregator: AggregatorConfig,
     pub store: StoreConfig,
+    pub api: ApiConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -120,6 +121,19 @@ pub struct StoreConfig {
     pub raw_retention: Duration,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Address the HTTP API and dashboard listen on (`IP:PORT`).
+    pub http: String,
+    /// A device is online when its newest reading is at most this old.
+    #[serde(with = "duration_text")]
+    pub online_window: Duration,
+    /// Map tile URL template for the dashboard (`https://…/{z}/{x}/{y}.png`). Empty: the
+    /// map draws positions without tiles, so it works offline.
+    pub tile_url: String,
+}
+
 /// Broker object names that are not configurable, so every fleetpipe process agrees.
 pub mod names {
     pub const DLQ_STREAM: &str = "FLEETPIPE_DLQ";
@@ -135,6 +149,13 @@ const fn default_port() -> u16 {
     4222
 }
 
+const fn default_online_window() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// Where `fleetpipe serve` and `fleetpipe up` listen unless told otherwise.
+pub const DEFAULT_HTTP: &str = "127.0.0.1:8080";
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -145,6 +166,17 @@ impl Default for Config {
             collector: CollectorConfig::default(),
             aggregator: AggregatorConfig::default(),
             store: StoreConfig::default(),
+            api: ApiConfig::default(),
+        }
+    }
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            http: DEFAULT_HTTP.into(),
+            online_window: default_online_window(),
+            tile_url: String::new(),
         }
     }
 }
@@ -314,6 +346,15 @@ impl Config {
                 self.store.url
             ));
         }
+        if self.api.http.parse::<std::net::SocketAddr>().is_err() {
+            problems.push(format!(
+                "api.http {:?} must be IP:PORT, e.g. 127.0.0.1:8080 or 0.0.0.0:8080",
+                self.api.http
+            ));
+        }
+        if self.api.online_window < Duration::from_secs(1) {
+            problems.push("api.online_window must be at least 1s".into());
+        }
         if !self.nats.credentials.is_empty() && !Path::new(&self.nats.credentials).is_file() {
             problems.push(format!(
                 "nats.credentials: file {:?} does not exist",
@@ -406,11 +447,16 @@ mod tests {
             template = "acme.{site}.{device}.{sensor}"
             [aggregator]
             interval = "100ms"
+            [api]
+            http = "0.0.0.0:9090"
+            online_window = "1m"
             "#,
         )
         .unwrap();
         c.validate().unwrap();
         assert_eq!(c.aggregator.interval, Duration::from_millis(100));
+        assert_eq!(c.api.http, "0.0.0.0:9090");
+        assert_eq!(c.api.online_window, Duration::from_secs(60));
         assert_eq!(c.capture_subjects().unwrap(), vec!["acme.>"]);
     }
 
@@ -429,8 +475,10 @@ mod tests {
         c.aggregator.interval = Duration::from_millis(10);
         c.collector.workers = 0;
         c.store.url = "mysql://x".into();
+        c.api.http = "localhost".into();
+        c.api.online_window = Duration::from_millis(10);
         let errors = c.validate().unwrap_err().0;
-        assert_eq!(errors.len(), 4, "{errors:?}");
+        assert_eq!(errors.len(), 6, "{errors:?}");
         let mut c = Config::default();
         c.subjects.capture = vec!["fleetpipe.>".into()];
         assert_eq!(c.validate().unwrap_err().0.len(), 1);

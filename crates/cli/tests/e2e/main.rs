@@ -4,6 +4,9 @@
 
 mod aggregator;
 mod bad_input;
+mod bench;
+mod browser;
 mod clients;
 mod exactly_once;
+mod serve;
 mod support;

@@ -106,6 +106,11 @@ impl Proc {
         self.0.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
+    /// The exit status, once the process has ended on its own.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.0.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
     /// SIGKILL: no chance to finish anything.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.0.take() {

@@ -13,6 +13,12 @@
 //! simulator runs slower instead of queueing without bound or losing messages. A rate cap
 //! below the natural rate stretches the tick, so every sensor slows down alike.
 //!
+//! For benchmarks, [`SimConfig::flat_out`] drops the schedule's clock: rounds follow one
+//! another as fast as the acknowledgement window lets them (a rate cap still applies), so
+//! the publishers run at what the broker accepts. [`SimConfig::ticks_per_message`] makes a
+//! line-protocol device send several ticks of readings per message, as a device or Telegraf
+//! flushing a buffer does.
+//!
 //! Start it with [`run`].
 //!
 //! Module map: `vehicle` (signal models and the route), `schedule` (which device samples
@@ -47,6 +53,8 @@ const MAX_DEVICES: usize = 100_000_000;
 const MAX_CONNECTIONS: usize = 1024;
 const MAX_IN_FLIGHT: usize = 1_000_000;
 const MAX_ACK_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Ten minutes of readings in one message is already far beyond any real buffer.
+const MAX_TICKS_PER_MESSAGE: usize = 6000;
 
 /// How the simulated devices encode their readings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
@@ -134,6 +142,14 @@ pub struct SimConfig {
     pub msg_ids: bool,
     /// Stop after exactly this many messages were published (for tests and benchmarks).
     pub max_messages: Option<u64>,
+    /// Ignore the schedule's clock and publish as fast as the broker acknowledges, still
+    /// never more than `max_in_flight` unacknowledged per connection. Sensors keep their
+    /// relative rates; a `rate` cap still applies. For benchmarks.
+    pub flat_out: bool,
+    /// Line protocol only: each message carries this many 100 ms ticks of one device's
+    /// readings (a line per family and tick, each with its own timestamp), as a device or
+    /// Telegraf flushing a buffer does. 1 sends every tick on its own.
+    pub ticks_per_message: usize,
 }
 
 impl Default for SimConfig {
@@ -159,6 +175,8 @@ impl SimConfig {
             seed: 1,
             msg_ids: false,
             max_messages: None,
+            flat_out: false,
+            ticks_per_message: 1,
         }
     }
 
@@ -173,6 +191,17 @@ impl SimConfig {
         within("devices", self.devices, MAX_DEVICES);
         within("connections", self.connections, MAX_CONNECTIONS);
         within("max_in_flight", self.max_in_flight, MAX_IN_FLIGHT);
+        within(
+            "ticks_per_message",
+            self.ticks_per_message,
+            MAX_TICKS_PER_MESSAGE,
+        );
+        if self.ticks_per_message > 1 && self.payload != PayloadForm::LineProtocol {
+            problems.push(format!(
+                "ticks_per_message applies to line protocol only, not to {} payloads",
+                self.payload
+            ));
+        }
         if self.ack_timeout.is_zero() || self.ack_timeout > MAX_ACK_TIMEOUT {
             problems.push(format!(
                 "ack_timeout must be longer than zero and at most {} s",
@@ -412,6 +441,7 @@ where
         connections,
         payload = %cfg.payload,
         rate = ?cfg.rate,
+        flat_out = cfg.flat_out,
         "simulator started"
     );
 
@@ -626,6 +656,16 @@ mod tests {
         };
         match cfg.validate() {
             Err(SimError::Config(problems)) => assert_eq!(problems.len(), 4, "{problems:?}"),
+            other => panic!("expected a config error, got {other:?}"),
+        }
+        let cfg = SimConfig {
+            ticks_per_message: 10,
+            ..SimConfig::default()
+        };
+        match cfg.validate() {
+            Err(SimError::Config(problems)) => {
+                assert!(problems[0].contains("line protocol only"), "{problems:?}")
+            }
             other => panic!("expected a config error, got {other:?}"),
         }
     }

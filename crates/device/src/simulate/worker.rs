@@ -37,7 +37,7 @@ pub(super) struct Plan {
     /// The wall-clock time at `start`, for device timestamps.
     wall_start: Timestamp,
     /// The schedule's tick: 100 ms, stretched evenly when a rate cap is below the natural
-    /// rate.
+    /// rate (never in flat-out mode, where the pacer alone applies the cap).
     tick: Duration,
     cfg: SimConfig,
     id_width: usize,
@@ -48,10 +48,17 @@ pub(super) struct Plan {
 
 impl Plan {
     pub(super) fn new(cfg: &SimConfig) -> Result<Plan, SimError> {
-        let natural = cfg.devices as f64 * messages_per_tick(cfg.payload) / TICK.as_secs_f64();
-        let stretch = cfg
-            .rate
-            .map_or(1.0, |cap| (natural / cap).clamp(1.0, MAX_STRETCH));
+        // With several ticks per message a device always has something due (torque samples
+        // every other tick), so it sends one message per round of ticks.
+        let per_tick = match cfg.ticks_per_message {
+            0 | 1 => messages_per_tick(cfg.payload),
+            n => 1.0 / n as f64,
+        };
+        let natural = cfg.devices as f64 * per_tick / TICK.as_secs_f64();
+        let stretch = match cfg.rate {
+            Some(cap) if !cfg.flat_out => (natural / cap).clamp(1.0, MAX_STRETCH),
+            _ => 1.0,
+        };
         let mut plan = Plan {
             start: Instant::now(),
             wall_start: Timestamp::now(),
@@ -159,47 +166,61 @@ impl Worker {
         result
     }
 
-    /// Walks the devices in phase order, round after round. When the broker is slow the
-    /// walk falls behind; it catches up by at most one round, then simply runs slower.
+    /// Walks the devices in phase order, round after round; a round is one tick, or
+    /// `ticks_per_message` ticks in line protocol. When the broker is slow the walk falls
+    /// behind; it catches up by at most one round, then simply runs slower. Flat out, the
+    /// walk does not wait for the clock at all: only the ack window and the pacer hold it.
     async fn publish(&mut self, devices: &mut [Device]) -> Result<(), SimError> {
-        let tick = self.plan.tick;
+        let per_message = self.plan.cfg.ticks_per_message.max(1) as u64;
+        // Validated to at most MAX_TICKS_PER_MESSAGE, so it fits.
+        let round_len = self.plan.tick * u32::try_from(per_message).unwrap_or(u32::MAX);
+        let flat_out = self.plan.cfg.flat_out;
         let mut round_start = self.plan.start;
         for round in 0u64.. {
+            let ticks = round * per_message..(round + 1) * per_message;
             for device in devices.iter_mut() {
-                if !device.any_due(round) {
+                if !ticks.clone().any(|tick| device.any_due(tick)) {
                     continue;
                 }
-                if self
-                    .wait_until(round_start + tick.mul_f64(device.phase))
-                    .await?
-                    == Flow::Stop
+                let flow = if flat_out {
+                    if self.stopping() {
+                        Flow::Stop
+                    } else {
+                        Flow::Continue
+                    }
+                } else {
+                    self.wait_until(round_start + round_len.mul_f64(device.phase))
+                        .await?
+                };
+                if flow == Flow::Stop
+                    || self.tick_device(device, ticks.clone()).await? == Flow::Stop
                 {
-                    return Ok(());
-                }
-                let t = (round as f64 + device.phase) * tick.as_secs_f64();
-                if self.tick_device(device, round, t).await? == Flow::Stop {
                     return Ok(());
                 }
             }
             let now = Instant::now();
-            round_start = (round_start + tick).max(now.checked_sub(tick).unwrap_or(now));
+            round_start = (round_start + round_len).max(now.checked_sub(round_len).unwrap_or(now));
         }
         Ok(())
     }
 
-    /// Samples one device and publishes what is due, in the configured payload form.
+    /// Samples one device over `ticks` and publishes what is due, in the configured
+    /// payload form (plain and JSON always cover a single tick).
     async fn tick_device(
         &mut self,
         device: &mut Device,
-        round: u64,
-        t: f64,
+        ticks: std::ops::Range<u64>,
     ) -> Result<Flow, SimError> {
-        device.sample(round, t, &mut self.samples);
         let id = self.plan.device_id(device.index);
         let ts = wall_time(self.plan.start, self.plan.wall_start, Instant::now());
         match self.plan.cfg.payload {
-            PayloadForm::Plain | PayloadForm::Json => self.send_each(device, &id, ts).await,
-            PayloadForm::LineProtocol => self.send_batch(device, &id, ts).await,
+            PayloadForm::Plain | PayloadForm::Json => {
+                let tick = ticks.start;
+                let t = (tick as f64 + device.phase) * self.plan.tick.as_secs_f64();
+                device.sample(tick, t, &mut self.samples);
+                self.send_each(device, &id, ts).await
+            }
+            PayloadForm::LineProtocol => self.send_batch(device, &id, ticks, ts).await,
         }
     }
 
@@ -226,29 +247,42 @@ impl Worker {
         Ok(Flow::Continue)
     }
 
-    /// One line-protocol message with a line per family (`gps lat=…,lon=…`), on the
-    /// device's `lp` subject; the decoder names the readings `gps.lat`, `speed`…
+    /// One line-protocol message with a line per family and tick (`gps lat=…,lon=…`), on
+    /// the device's `lp` subject; the decoder names the readings `gps.lat`, `speed`… The
+    /// last tick carries `ts`; earlier ones are a tick apart before it, as if buffered.
     async fn send_batch(
         &mut self,
         device: &mut Device,
         id: &str,
+        ticks: std::ops::Range<u64>,
         ts: Timestamp,
     ) -> Result<Flow, SimError> {
-        let mut body = String::with_capacity(160);
-        for family in Family::ALL {
-            let fields: Vec<(&str, f64)> = self
-                .samples
-                .iter()
-                .filter(|s| s.family == family)
-                .map(|s| (s.field, s.value))
-                .collect();
-            if !fields.is_empty() {
-                encode_line_protocol(&mut body, family.measurement(), &fields, Some(ts));
+        let tick_secs = self.plan.tick.as_secs_f64();
+        let tick_micros = i64::try_from(self.plan.tick.as_micros()).unwrap_or(i64::MAX);
+        let last = ticks.end.saturating_sub(1);
+        let mut body = String::with_capacity(160 * (ticks.end - ticks.start) as usize);
+        let mut readings = 0;
+        for tick in ticks {
+            let t = (tick as f64 + device.phase) * tick_secs;
+            device.sample(tick, t, &mut self.samples);
+            let back = i64::try_from(last - tick).unwrap_or(i64::MAX);
+            let line_ts =
+                ts.saturating_add_micros(back.saturating_mul(tick_micros).saturating_neg());
+            for family in Family::ALL {
+                let fields: Vec<(&str, f64)> = self
+                    .samples
+                    .iter()
+                    .filter(|s| s.family == family)
+                    .map(|s| (s.field, s.value))
+                    .collect();
+                if !fields.is_empty() {
+                    encode_line_protocol(&mut body, family.measurement(), &fields, Some(line_ts));
+                }
             }
+            readings += self.samples.len() as u64;
         }
         let subject = self.plan.subject(device.index, id, "lp")?;
         let msg_id = self.msg_id(device, id, "lp");
-        let readings = self.samples.len() as u64;
         self.send(subject, body, msg_id, readings).await
     }
 
@@ -500,6 +534,32 @@ mod tests {
             plan.tick
         );
         assert_eq!(plan.example_subject, "vehicle.v00000.speed");
+    }
+
+    #[test]
+    fn flat_out_leaves_the_cap_to_the_pacer_and_batches_lengthen_the_round() {
+        let flat = SimConfig {
+            devices: 1000,
+            rate: Some(920.0),
+            flat_out: true,
+            ..SimConfig::default()
+        };
+        assert_eq!(Plan::new(&flat).unwrap().tick, TICK);
+        // 1000 devices sending one 10-tick message a second: 1000 messages/s, so a cap of
+        // 100/s stretches the tick tenfold.
+        let batched = SimConfig {
+            devices: 1000,
+            payload: PayloadForm::LineProtocol,
+            ticks_per_message: 10,
+            rate: Some(100.0),
+            ..SimConfig::default()
+        };
+        let plan = Plan::new(&batched).unwrap();
+        assert!(
+            (plan.tick.as_secs_f64() - 1.0).abs() < 1e-6,
+            "{:?}",
+            plan.tick
+        );
     }
 
     #[test]

@@ -190,7 +190,10 @@ impl Collector {
         }
 
         if !records.is_empty() {
-            match self.store.write_readings(&records).await {
+            let started = std::time::Instant::now();
+            let written = self.store.write_readings(&records).await;
+            self.stats.store_write.observe(started.elapsed());
+            match written {
                 Ok(new) => {
                     Stats::add(&self.stats.readings_stored, new);
                     Stats::add(

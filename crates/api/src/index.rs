@@ -1,0 +1,691 @@
+//! The in-memory index of the latest state: a mirror of the `fleetpipe_state` KV bucket,
+//! kept current by a KV watch, that the device, summary and live endpoints read instead of
+//! the bucket. Every update is also sent to the live broadcast that feeds `/api/v1/live`.
+//!
+//! Devices are kept in a `BTreeMap` by id, so a prefix filter is a range scan and listing
+//! by id needs no sort. Sensor names are interned to small integers, so the fleet summary
+//! is one pass over plain arrays (100k devices in a few milliseconds).
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use fleetpipe_pipeline::state::{split_key, StateValue};
+use fleetpipe_proto::Timestamp;
+use futures::StreamExt;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{Device, LiveState, SensorStats, SensorValue};
+
+/// Events the live broadcast holds for its slowest reader; a reader further behind skips
+/// ahead and is told how many it missed. Bounds the memory of the live stream whatever the
+/// number or speed of clients.
+pub const LIVE_CAPACITY: usize = 4096;
+
+/// A state change as sent to live clients: the JSON `data` is serialized once, the
+/// device and sensor are kept for filtering.
+#[derive(Debug, Clone)]
+pub struct LiveEvent {
+    pub device: Arc<str>,
+    pub sensor: Arc<str>,
+    /// A [`LiveState`] document.
+    pub json: Arc<str>,
+}
+
+/// Decides whether a device is online: its newest reading is at most `window` old.
+#[derive(Debug, Clone, Copy)]
+pub struct Online {
+    now: i64,
+    window: i64,
+}
+
+impl Online {
+    /// Online means a reading within `window` before `now`.
+    pub fn new(now: Timestamp, window: Duration) -> Self {
+        Online {
+            now: now.as_micros(),
+            window: crate::params::micros(window),
+        }
+    }
+
+    fn is(&self, last_seen: i64) -> bool {
+        self.now.saturating_sub(last_seen) <= self.window
+    }
+}
+
+/// How to order a device listing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SortKey {
+    Id,
+    LastSeen,
+}
+
+/// Filters, order and page of a device listing.
+#[derive(Debug, Clone)]
+pub struct ListQuery {
+    /// Only ids starting with this (empty: all).
+    pub prefix: String,
+    /// Only devices having every one of these tags with exactly this value.
+    pub tags: Vec<(String, String)>,
+    /// Only online (`Some(true)`) or offline (`Some(false)`) devices.
+    pub online: Option<bool>,
+    pub sort: SortKey,
+    pub descending: bool,
+    pub limit: usize,
+    pub offset: usize,
+}
+
+/// What the index knows of a device's sensor.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SensorLookup {
+    UnknownDevice,
+    UnknownSensor,
+    /// Known, with the unit of its latest value.
+    Known {
+        unit: Option<String>,
+    },
+}
+
+/// Fleet-wide counts over the index.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    pub devices: u64,
+    pub online: u64,
+    pub sensors: BTreeMap<String, SensorStats>,
+}
+
+/// The latest state of every device, shared by the watch task (the only writer) and the
+/// request handlers.
+pub struct Index {
+    /// A std `RwLock`: every critical section is a few map operations or one pass over the
+    /// devices, never across an await; readers (requests) run in parallel, and the one
+    /// writer (the watch) holds it for a single update at a time.
+    inner: RwLock<Inner>,
+    live: broadcast::Sender<LiveEvent>,
+    /// Set once the watch has replayed every key the bucket held when it started.
+    ready: AtomicBool,
+}
+
+#[derive(Default)]
+struct Inner {
+    devices: BTreeMap<String, DeviceEntry>,
+    /// Interned sensor names: id → name and name → id. Only grows; bounded by the number
+    /// of distinct sensor names, which is small.
+    sensor_names: Vec<String>,
+    sensor_ids: HashMap<String, u32>,
+    /// Number of `<device>.<sensor>` keys held.
+    keys: usize,
+}
+
+#[derive(Default)]
+struct DeviceEntry {
+    /// Newest `ts` of its sensors, µs.
+    last_seen: i64,
+    tags: BTreeMap<String, String>,
+    sensors: Vec<SensorEntry>,
+}
+
+struct SensorEntry {
+    id: u32,
+    value: f64,
+    ts: i64,
+    unit: Option<String>,
+    quality: Option<String>,
+}
+
+impl std::fmt::Debug for Index {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Index")
+            .field("devices", &self.devices())
+            .field("ready", &self.is_ready())
+            .finish()
+    }
+}
+
+impl Default for Index {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Index {
+    /// An empty index, not ready until [`Index::mark_ready`] (the watch calls it).
+    pub fn new() -> Self {
+        let (live, _) = broadcast::channel(LIVE_CAPACITY);
+        Index {
+            inner: RwLock::default(),
+            live,
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    // A panic while holding the lock cannot leave an entry half-written in a way that
+    // matters (each update replaces whole values), so a poisoned lock is used as is.
+    fn read(&self) -> RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// True once the index holds everything the bucket held when the watch started.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Marks the initial replay as complete.
+    pub fn mark_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// A receiver of every state change from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<LiveEvent> {
+        self.live.subscribe()
+    }
+
+    /// Connected live-stream clients.
+    pub fn live_clients(&self) -> usize {
+        self.live.receiver_count()
+    }
+
+    /// Number of devices.
+    pub fn devices(&self) -> usize {
+        self.read().devices.len()
+    }
+
+    /// Number of `<device>.<sensor>` keys.
+    pub fn keys(&self) -> usize {
+        self.read().keys
+    }
+
+    /// Applies one KV entry (the watch calls this). Returns false for an entry that is not
+    /// a fleetpipe state value (a malformed key or value), which is skipped.
+    pub fn apply_entry(&self, key: &str, operation: kv::Operation, value: &[u8]) -> bool {
+        let Some((device, sensor)) = split_key(key) else {
+            return false;
+        };
+        match operation {
+            kv::Operation::Put => match serde_json::from_slice::<StateValue>(value) {
+                Ok(v) => {
+                    self.apply_put(device, sensor, v);
+                    true
+                }
+                Err(_) => false,
+            },
+            kv::Operation::Delete | kv::Operation::Purge => {
+                self.apply_delete(device, sensor);
+                true
+            }
+        }
+    }
+
+    /// Sets a sensor's latest value (creating the device), and sends it to live clients.
+    pub fn apply_put(&self, device: &str, sensor: &str, v: StateValue) {
+        // Serialized before taking the lock, and only when someone listens.
+        let event = (self.live.receiver_count() > 0).then(|| live_event(device, sensor, &v));
+        {
+            let mut g = self.write();
+            let id = g.intern(sensor);
+            if !g.devices.contains_key(device) {
+                g.devices.insert(device.to_string(), DeviceEntry::default());
+            }
+            let mut added = false;
+            if let Some(d) = g.devices.get_mut(device) {
+                for (k, val) in v.tags {
+                    if d.tags.get(&k) != Some(&val) {
+                        d.tags.insert(k, val);
+                    }
+                }
+                let entry = SensorEntry {
+                    id,
+                    value: v.value,
+                    ts: v.ts,
+                    unit: v.unit,
+                    quality: v.quality,
+                };
+                match d.sensors.iter_mut().find(|s| s.id == id) {
+                    Some(s) => *s = entry,
+                    None => {
+                        d.sensors.push(entry);
+                        added = true;
+                    }
+                }
+                d.last_seen = d.sensors.iter().map(|s| s.ts).max().unwrap_or(v.ts);
+            }
+            if added {
+                g.keys += 1;
+            }
+        }
+        if let Some(e) = event {
+            // Err only when every client has gone; nothing to do.
+            let _ = self.live.send(e);
+        }
+    }
+
+    /// Removes a sensor, and the device with its last sensor.
+    pub fn apply_delete(&self, device: &str, sensor: &str) {
+        let mut g = self.write();
+        let Some(&id) = g.sensor_ids.get(sensor) else {
+            return;
+        };
+        let Some(d) = g.devices.get_mut(device) else {
+            return;
+        };
+        let before = d.sensors.len();
+        d.sensors.retain(|s| s.id != id);
+        let removed = before - d.sensors.len();
+        let empty = d.sensors.is_empty();
+        d.last_seen = d.sensors.iter().map(|s| s.ts).max().unwrap_or(0);
+        g.keys -= removed;
+        if empty {
+            g.devices.remove(device);
+        }
+    }
+
+    /// One device's latest state.
+    pub fn device(&self, id: &str, online: Online) -> Option<Device> {
+        let g = self.read();
+        g.devices.get(id).map(|d| g.view(id, d, online))
+    }
+
+    /// A page of devices and how many match in all.
+    pub fn list(&self, q: &ListQuery, online: Online) -> (u64, Vec<Device>) {
+        let g = self.read();
+        let prefix = q.prefix.as_str();
+        let mut matches: Vec<(&String, &DeviceEntry)> = g
+            .devices
+            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(|(id, _)| id.starts_with(prefix))
+            .filter(|(_, d)| {
+                q.tags.iter().all(|(k, v)| d.tags.get(k) == Some(v))
+                    && q.online.is_none_or(|want| online.is(d.last_seen) == want)
+            })
+            .collect();
+        if q.sort == SortKey::LastSeen {
+            // Ties by id, so pages are stable.
+            matches.sort_unstable_by(|a, b| a.1.last_seen.cmp(&b.1.last_seen).then(a.0.cmp(b.0)));
+        }
+        if q.descending {
+            matches.reverse();
+        }
+        let items = matches
+            .iter()
+            .skip(q.offset)
+            .take(q.limit)
+            .map(|(id, d)| g.view(id, d, online))
+            .collect();
+        (matches.len() as u64, items)
+    }
+
+    /// Device counts and per-sensor min/avg/max over the latest values.
+    pub fn summary(&self, online: Online) -> Summary {
+        #[derive(Clone)]
+        struct Acc {
+            count: u64,
+            sum: f64,
+            min: f64,
+            max: f64,
+        }
+        let g = self.read();
+        let mut acc = vec![
+            Acc {
+                count: 0,
+                sum: 0.0,
+                min: f64::INFINITY,
+                max: f64::NEG_INFINITY,
+            };
+            g.sensor_names.len()
+        ];
+        let mut online_count = 0u64;
+        for d in g.devices.values() {
+            if online.is(d.last_seen) {
+                online_count += 1;
+            }
+            for s in &d.sensors {
+                if let Some(a) = acc.get_mut(s.id as usize) {
+                    a.count += 1;
+                    a.sum += s.value;
+                    a.min = a.min.min(s.value);
+                    a.max = a.max.max(s.value);
+                }
+            }
+        }
+        let sensors = g
+            .sensor_names
+            .iter()
+            .zip(acc)
+            .filter(|(_, a)| a.count > 0)
+            .map(|(name, a)| {
+                let stats = SensorStats {
+                    count: a.count,
+                    min: a.min,
+                    avg: a.sum / a.count as f64,
+                    max: a.max,
+                };
+                (name.clone(), stats)
+            })
+            .collect();
+        Summary {
+            devices: g.devices.len() as u64,
+            online: online_count,
+            sensors,
+        }
+    }
+
+    /// Whether a device and its sensor are known, with the sensor's unit.
+    pub fn sensor(&self, device: &str, sensor: &str) -> SensorLookup {
+        let g = self.read();
+        let Some(d) = g.devices.get(device) else {
+            return SensorLookup::UnknownDevice;
+        };
+        let id = g.sensor_ids.get(sensor);
+        match d.sensors.iter().find(|s| Some(&s.id) == id) {
+            Some(s) => SensorLookup::Known {
+                unit: s.unit.clone(),
+            },
+            None => SensorLookup::UnknownSensor,
+        }
+    }
+}
+
+impl Inner {
+    fn intern(&mut self, sensor: &str) -> u32 {
+        if let Some(&id) = self.sensor_ids.get(sensor) {
+            return id;
+        }
+        let id = self.sensor_names.len() as u32;
+        self.sensor_names.push(sensor.to_string());
+        self.sensor_ids.insert(sensor.to_string(), id);
+        id
+    }
+
+    fn view(&self, id: &str, d: &DeviceEntry, online: Online) -> Device {
+        Device {
+            id: id.to_string(),
+            last_seen: Timestamp::from_micros(d.last_seen).to_rfc3339(),
+            online: online.is(d.last_seen),
+            tags: d.tags.clone(),
+            sensors: d
+                .sensors
+                .iter()
+                .filter_map(|s| {
+                    let name = self.sensor_names.get(s.id as usize)?;
+                    let value = SensorValue {
+                        value: s.value,
+                        ts: Timestamp::from_micros(s.ts).to_rfc3339(),
+                        unit: s.unit.clone(),
+                        quality: s.quality.clone(),
+                    };
+                    Some((name.clone(), value))
+                })
+                .collect(),
+        }
+    }
+}
+
+fn live_event(device: &str, sensor: &str, v: &StateValue) -> LiveEvent {
+    let state = LiveState {
+        device: device.to_string(),
+        sensor: sensor.to_string(),
+        value: v.value,
+        ts: v.timestamp().to_rfc3339(),
+        unit: v.unit.clone(),
+        quality: v.quality.clone(),
+    };
+    LiveEvent {
+        device: device.into(),
+        sensor: sensor.into(),
+        json: serde_json::to_string(&state).unwrap_or_default().into(),
+    }
+}
+
+/// Keeps `index` equal to the state bucket until `shutdown`: replays the last value of
+/// every key (`watch_with_history`, unlike `watch_all`, which would only deliver changes
+/// from now on), marks the index ready, then applies every change. Re-watches after an
+/// error.
+pub async fn watch(state: kv::Store, index: Arc<Index>, shutdown: CancellationToken) {
+    while !shutdown.is_cancelled() {
+        if let Ok(status) = state.status().await {
+            // An empty bucket replays nothing, so there is no last entry to wait for.
+            if status.values() == 0 {
+                index.mark_ready();
+            }
+        }
+        let mut entries = match state.watch_with_history(">").await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the state bucket; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                next = entries.next() => next,
+            };
+            let entry = match next {
+                Some(Ok(e)) => e,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "state watch failed; re-watching");
+                    break;
+                }
+                None => break,
+            };
+            if !index.apply_entry(&entry.key, entry.operation, &entry.value) {
+                tracing::debug!(key = %entry.key, "skipped a state entry that is not a fleetpipe value");
+            }
+            if entry.delta == 0 && !index.is_ready() {
+                index.mark_ready();
+                tracing::info!(
+                    devices = index.devices(),
+                    keys = index.keys(),
+                    "latest state loaded"
+                );
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    const NOW: i64 = 1_771_149_600_000_000;
+
+    fn value(v: f64, ts: i64) -> StateValue {
+        StateValue {
+            value: v,
+            ts,
+            unit: Some("km/h".into()),
+            quality: None,
+            tags: BTreeMap::new(),
+        }
+    }
+
+    fn online() -> Online {
+        Online::new(Timestamp::from_micros(NOW), Duration::from_secs(30))
+    }
+
+    fn query() -> ListQuery {
+        ListQuery {
+            prefix: String::new(),
+            tags: Vec::new(),
+            online: None,
+            sort: SortKey::Id,
+            descending: false,
+            limit: 100,
+            offset: 0,
+        }
+    }
+
+    #[test]
+    fn puts_deletes_and_last_seen() {
+        let index = Index::new();
+        index.apply_put("v1", "speed", value(10.0, NOW - 60_000_000));
+        index.apply_put("v1", "soc", value(80.0, NOW - 1_000_000));
+        index.apply_put("v2", "speed", value(20.0, NOW - 120_000_000));
+        assert_eq!((index.devices(), index.keys()), (2, 3));
+        let d = index.device("v1", online()).unwrap();
+        assert!(d.online);
+        assert_eq!(d.sensors.len(), 2);
+        assert_eq!(
+            d.last_seen,
+            Timestamp::from_micros(NOW - 1_000_000).to_rfc3339()
+        );
+        index.apply_delete("v1", "soc");
+        let d = index.device("v1", online()).unwrap();
+        assert!(!d.online, "last_seen falls back to the remaining sensor");
+        index.apply_delete("v1", "speed");
+        assert_eq!(index.device("v1", online()), None);
+        assert_eq!((index.devices(), index.keys()), (1, 1));
+        // Deleting what is not there changes nothing.
+        index.apply_delete("v9", "speed");
+        index.apply_delete("v2", "nope");
+        assert_eq!((index.devices(), index.keys()), (1, 1));
+    }
+
+    #[test]
+    fn entries_from_the_bucket() {
+        let index = Index::new();
+        let json = br#"{"value":1.5,"ts":1771149600000000,"unit":"V","tags":{"site":"munich"}}"#;
+        assert!(index.apply_entry("v1.battery.voltage", kv::Operation::Put, json));
+        assert!(!index.apply_entry("nodot", kv::Operation::Put, json));
+        assert!(!index.apply_entry("v1.x", kv::Operation::Put, b"not json"));
+        let d = index.device("v1", online()).unwrap();
+        assert_eq!(d.tags.get("site").map(String::as_str), Some("munich"));
+        assert_eq!(d.sensors["battery.voltage"].value, 1.5);
+        assert!(index.apply_entry("v1.battery.voltage", kv::Operation::Delete, b""));
+        assert_eq!(index.devices(), 0);
+    }
+
+    #[test]
+    fn listing_filters_sorts_and_pages() {
+        let index = Index::new();
+        for i in 0..30 {
+            let mut v = value(i as f64, NOW - i * 10_000_000);
+            v.tags
+                .insert("site".into(), if i % 2 == 0 { "a" } else { "b" }.into());
+            index.apply_put(&format!("d{i:02}"), "speed", v);
+        }
+        let ids = |q: &ListQuery| -> (u64, Vec<String>) {
+            let (total, items) = index.list(q, online());
+            (total, items.into_iter().map(|d| d.id).collect())
+        };
+        let (total, page) = ids(&ListQuery {
+            limit: 3,
+            offset: 2,
+            ..query()
+        });
+        assert_eq!(
+            (total, page),
+            (30, vec!["d02".into(), "d03".into(), "d04".into()])
+        );
+        let (total, page) = ids(&ListQuery {
+            prefix: "d1".into(),
+            descending: true,
+            limit: 2,
+            ..query()
+        });
+        assert_eq!((total, page), (10, vec!["d19".into(), "d18".into()]));
+        let (total, page) = ids(&ListQuery {
+            tags: vec![("site".into(), "b".into())],
+            sort: SortKey::LastSeen,
+            descending: true,
+            limit: 2,
+            ..query()
+        });
+        assert_eq!((total, page), (15, vec!["d01".into(), "d03".into()]));
+        // Online: readings at most 30 s old, i.e. d00..d03.
+        let (total, _) = ids(&ListQuery {
+            online: Some(true),
+            ..query()
+        });
+        assert_eq!(total, 4);
+        let (total, page) = ids(&ListQuery {
+            offset: 1000,
+            ..query()
+        });
+        assert_eq!((total, page.len()), (30, 0));
+    }
+
+    #[test]
+    fn summary_counts() {
+        let index = Index::new();
+        index.apply_put("a", "speed", value(10.0, NOW));
+        index.apply_put("b", "speed", value(30.0, NOW - 3_600_000_000));
+        index.apply_put("b", "soc", value(50.0, NOW - 3_600_000_000));
+        let s = index.summary(online());
+        assert_eq!((s.devices, s.online), (2, 1));
+        let speed = &s.sensors["speed"];
+        assert_eq!(
+            (speed.count, speed.min, speed.avg, speed.max),
+            (2, 10.0, 20.0, 30.0)
+        );
+        assert_eq!(s.sensors["soc"].count, 1);
+        // A sensor removed everywhere disappears from the summary.
+        index.apply_delete("b", "soc");
+        assert!(!index.summary(online()).sensors.contains_key("soc"));
+    }
+
+    #[test]
+    fn live_events_reach_subscribers() {
+        let index = Index::new();
+        index.apply_put("a", "speed", value(1.0, NOW)); // nobody listens: no event built
+        let mut rx = index.subscribe();
+        index.apply_put("a", "speed", value(2.0, NOW));
+        let e = rx.try_recv().unwrap();
+        assert_eq!((&*e.device, &*e.sensor), ("a", "speed"));
+        let state: LiveState = serde_json::from_str(&e.json).unwrap();
+        assert_eq!(state.value, 2.0);
+        assert_eq!(state.unit.as_deref(), Some("km/h"));
+    }
+
+    /// The summary over 100k devices with 5 sensors each. The time is printed, not
+    /// asserted: a timed assertion would fail on a loaded machine.
+    #[test]
+    fn summary_of_100k_devices() {
+        let index = Index::new();
+        let sensors = ["speed", "soc", "torque", "gps.lat", "gps.lon"];
+        for i in 0..100_000i64 {
+            let device = format!("v{i:06}");
+            for (j, s) in sensors.iter().enumerate() {
+                index.apply_put(&device, s, value((i + j as i64) as f64, NOW - i * 1000));
+            }
+        }
+        let started = Instant::now();
+        let s = index.summary(online());
+        let elapsed = started.elapsed();
+        println!("fleet summary of 100k devices x 5 sensors: {elapsed:?}");
+        assert_eq!(s.devices, 100_000);
+        assert_eq!(s.online, 30_001);
+        assert_eq!(s.sensors["speed"].count, 100_000);
+        let started = Instant::now();
+        let (total, items) = index.list(
+            &ListQuery {
+                sort: SortKey::LastSeen,
+                descending: true,
+                ..query()
+            },
+            online(),
+        );
+        println!(
+            "device list sorted by last_seen over 100k devices: {:?}",
+            started.elapsed()
+        );
+        assert_eq!((total, items.len()), (100_000, 100));
+        assert_eq!(items[0].id, "v000000");
+    }
+}

@@ -1,0 +1,46 @@
+//! The OpenAPI 3 document, generated from the handlers' annotations and the response
+//! types (see [`crate::model`]).
+
+use utoipa::OpenApi;
+
+use crate::routes::{assets, devices, fleet, live, ops};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "fleetpipe",
+        description = "Query API of fleetpipe: devices and their latest state, sensor history \
+            (raw or per-minute rollups, chosen by the server), a fleet summary, a live stream of \
+            state changes, metrics and probes. Errors are JSON `{\"error\": \"...\"}`: 400 for bad \
+            parameters (unknown, repeated or invalid ones), 404 for unknown devices and routes.",
+        license(name = "Apache-2.0")
+    ),
+    paths(
+        devices::list,
+        devices::one,
+        devices::series,
+        fleet::summary,
+        live::live,
+        ops::info,
+        ops::openapi,
+        ops::metrics,
+        ops::healthz,
+        ops::readyz,
+        assets::index,
+        assets::asset,
+    ),
+    components(schemas(crate::model::LiveLagged)),
+    tags(
+        (name = "devices", description = "Devices, their latest state and history."),
+        (name = "fleet", description = "Fleet-wide figures."),
+        (name = "live", description = "Live state changes."),
+        (name = "operations", description = "Probes, metrics, this document."),
+        (name = "dashboard", description = "The built-in web dashboard."),
+    )
+)]
+struct ApiDoc;
+
+/// The OpenAPI document of every route.
+pub fn document() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}

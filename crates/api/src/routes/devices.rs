@@ -1,0 +1,455 @@
+//! `/api/v1/devices`, `/api/v1/devices/{id}` and `/api/v1/devices/{id}/series`.
+
+use std::time::Duration;
+
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::Json;
+use fleetpipe_proto::{is_valid_token, Timestamp};
+use fleetpipe_store::{Range, Rollup};
+
+use crate::error::{ApiError, ErrorBody};
+use crate::index::{ListQuery, SensorLookup, SortKey};
+use crate::model::{Device, DeviceList, Series, SeriesPoint, SeriesSource};
+use crate::params::{
+    micros, parse_choice, parse_duration, parse_instant, parse_uint, truncate, Params,
+};
+use crate::AppState;
+
+/// Devices per page unless `limit` says otherwise.
+pub const DEFAULT_LIMIT: u64 = 100;
+/// The largest `limit` accepted.
+pub const MAX_LIMIT: u64 = 10_000;
+/// The largest `offset` accepted.
+const MAX_OFFSET: u64 = u32::MAX as u64;
+
+/// Ranges longer than this are served from rollups.
+pub const RAW_MAX_RANGE: Duration = Duration::from_secs(6 * 3600);
+/// Most raw points returned; a range holding more is served from rollups.
+pub const RAW_CAP: usize = 10_000;
+/// Most rollup buckets returned; longer ranges get wider buckets.
+pub const MAX_BUCKETS: u64 = 10_000;
+/// Longest range a series request may ask for.
+pub const MAX_RANGE: Duration = Duration::from_secs(366 * 24 * 3600);
+/// Default range when `from` is absent: the last hour.
+const DEFAULT_SPAN: Duration = Duration::from_secs(3600);
+const MINUTE_US: i64 = 60_000_000;
+
+/// A device id from the path; a malformed one (bad percent-encoding) is just not found.
+fn device_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    match path {
+        Ok(Path(id)) => Ok(id),
+        Err(_) => Err(ApiError::NotFound(
+            "device not found (the id is not valid UTF-8)".into(),
+        )),
+    }
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::NotFound(format!("device {:?} not found", truncate(id)))
+}
+
+/// Every device with its latest state; filter, sort, paginate.
+#[utoipa::path(
+    get,
+    path = "/api/v1/devices",
+    tag = "devices",
+    params(
+        ("prefix" = Option<String>, Query, description = "Only ids starting with this.", example = "v00"),
+        ("tag" = Option<Vec<String>>, Query, description = "Only devices with this tag, as `KEY:VALUE`; repeat for several (all must match).", example = "site:munich"),
+        ("online" = Option<bool>, Query, description = "Only online (`true`) or offline (`false`) devices."),
+        ("sort" = Option<String>, Query, description = "`id` (default) or `last_seen`."),
+        ("order" = Option<String>, Query, description = "`asc` (default) or `desc`."),
+        ("limit" = Option<u64>, Query, description = "Page size, 0 to 10000; default 100."),
+        ("offset" = Option<u64>, Query, description = "Devices to skip; default 0."),
+    ),
+    responses(
+        (status = 200, description = "A page of devices and the number matching in all.", body = DeviceList),
+        (status = 400, description = "A parameter is unknown, repeated or invalid.", body = ErrorBody),
+    )
+)]
+pub async fn list(
+    State(st): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<DeviceList>, ApiError> {
+    let p = Params::parse(
+        query.as_deref(),
+        &[
+            "prefix", "tag", "online", "sort", "order", "limit", "offset",
+        ],
+    )?;
+    let limit = match p.one("limit")? {
+        Some(v) => parse_uint("limit", v, MAX_LIMIT)?,
+        None => DEFAULT_LIMIT,
+    };
+    let offset = match p.one("offset")? {
+        Some(v) => parse_uint("offset", v, MAX_OFFSET)?,
+        None => 0,
+    };
+    let tags = p
+        .all("tag")
+        .map(|t| match t.split_once(':') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => Err(ApiError::bad(format!(
+                "tag must be KEY:VALUE (site:munich), got {:?}",
+                truncate(t)
+            ))),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let online = match p.one("online")? {
+        Some(v) => Some(parse_choice("online", v, &["true", "false"])? == "true"),
+        None => None,
+    };
+    let sort = match p.one("sort")? {
+        Some(v) => match parse_choice("sort", v, &["id", "last_seen"])? {
+            "last_seen" => SortKey::LastSeen,
+            _ => SortKey::Id,
+        },
+        None => SortKey::Id,
+    };
+    let descending = match p.one("order")? {
+        Some(v) => parse_choice("order", v, &["asc", "desc"])? == "desc",
+        None => false,
+    };
+    let q = ListQuery {
+        prefix: p.one("prefix")?.unwrap_or_default().to_string(),
+        tags,
+        online,
+        sort,
+        descending,
+        limit: limit as usize,
+        offset: offset as usize,
+    };
+    let (total, items) = st.index.list(&q, st.online());
+    Ok(Json(DeviceList {
+        total,
+        limit,
+        offset,
+        items,
+    }))
+}
+
+/// One device's latest state.
+#[utoipa::path(
+    get,
+    path = "/api/v1/devices/{id}",
+    tag = "devices",
+    params(("id" = String, Path, description = "Device id.", example = "v00042")),
+    responses(
+        (status = 200, description = "The device.", body = Device),
+        (status = 400, description = "A query parameter was given (none are accepted).", body = ErrorBody),
+        (status = 404, description = "No such device.", body = ErrorBody),
+    )
+)]
+pub async fn one(
+    State(st): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Device>, ApiError> {
+    let id = device_id(path)?;
+    Params::parse(query.as_deref(), &[])?;
+    st.index
+        .device(&id, st.online())
+        .map(Json)
+        .ok_or_else(|| not_found(&id))
+}
+
+/// Where a series is read from: raw readings, or rollups merged into buckets of this many
+/// µs (a multiple of a minute).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    Raw,
+    Rollups { bucket_us: i64 },
+}
+
+/// The rule, documented in the OpenAPI description and the README: rollups when `step` is
+/// at least 60 s or the range is longer than 6 h; otherwise raw readings (and rollups
+/// after all when the range holds more than [`RAW_CAP`] of them, see [`rollup_plan`]).
+pub fn plan(from: Timestamp, to: Timestamp, step: Option<Duration>) -> Plan {
+    let span = to.as_micros().saturating_sub(from.as_micros());
+    let coarse_step = step.is_some_and(|s| s >= Duration::from_secs(60));
+    if coarse_step || span > micros(RAW_MAX_RANGE) {
+        rollup_plan(from, to, step)
+    } else {
+        Plan::Raw
+    }
+}
+
+/// Rollup buckets: `step` rounded up to whole minutes, at least one minute, and wide
+/// enough that the range holds at most [`MAX_BUCKETS`].
+pub fn rollup_plan(from: Timestamp, to: Timestamp, step: Option<Duration>) -> Plan {
+    let span = u64::try_from(to.as_micros().saturating_sub(from.as_micros())).unwrap_or(0);
+    let minute = MINUTE_US as u64;
+    let round_up = |us: u64| us.div_ceil(minute).max(1).saturating_mul(minute);
+    let from_step = step.map_or(minute, |s| round_up(micros(s) as u64));
+    let from_span = round_up(span.div_ceil(MAX_BUCKETS));
+    Plan::Rollups {
+        bucket_us: i64::try_from(from_step.max(from_span)).unwrap_or(i64::MAX),
+    }
+}
+
+/// Merges per-minute rollups (oldest first) into buckets aligned to multiples of
+/// `bucket_us` since the epoch: count-weighted average, min of minima, max of maxima, the
+/// last value of the newest minute.
+pub fn merge_rollups(rollups: &[Rollup], bucket_us: i64) -> Vec<SeriesPoint> {
+    struct Bucket {
+        start: i64,
+        count: u64,
+        sum: f64,
+        min: f64,
+        max: f64,
+        last: f64,
+    }
+    let mut out: Vec<Bucket> = Vec::new();
+    for r in rollups {
+        let m = r.minute.as_micros();
+        let start = m - m.rem_euclid(bucket_us);
+        let weighted = r.avg * r.count as f64;
+        match out.last_mut() {
+            Some(b) if b.start == start => {
+                b.count += r.count;
+                b.sum += weighted;
+                b.min = b.min.min(r.min);
+                b.max = b.max.max(r.max);
+                b.last = r.last;
+            }
+            _ => out.push(Bucket {
+                start,
+                count: r.count,
+                sum: weighted,
+                min: r.min,
+                max: r.max,
+                last: r.last,
+            }),
+        }
+    }
+    out.into_iter()
+        .map(|b| SeriesPoint {
+            ts: Timestamp::from_micros(b.start).to_rfc3339(),
+            value: if b.count > 0 {
+                b.sum / b.count as f64
+            } else {
+                b.last
+            },
+            min: Some(b.min),
+            max: Some(b.max),
+            count: Some(b.count),
+            last: Some(b.last),
+        })
+        .collect()
+}
+
+/// History of one sensor: raw readings or per-minute rollups, chosen by the server.
+#[utoipa::path(
+    get,
+    path = "/api/v1/devices/{id}/series",
+    tag = "devices",
+    description = "History of one sensor of one device. The server picks the source and says \
+        which in `source`:\n\n\
+        * `rollup_1m` when `step` is at least 60 s, or the range is longer than 6 h, or the \
+        range holds more than 10,000 raw readings. Per-minute rollups are merged into buckets \
+        of `step` rounded up to whole minutes (at least 1 min, and wide enough for at most \
+        10,000 buckets); `step` in the response is the bucket width in seconds, and each \
+        point has `value` (the average), `min`, `max`, `count` and `last`.\n\
+        * `raw` otherwise: every stored reading in the range, oldest first, as `ts` and \
+        `value`.\n\n\
+        `from` and `to` are RFC 3339 times, `now`, or durations back from now (`-10m`). \
+        The range may be at most 366 days.",
+    params(
+        ("id" = String, Path, description = "Device id.", example = "v00042"),
+        ("sensor" = String, Query, description = "Sensor name (required).", example = "speed"),
+        ("from" = Option<String>, Query, description = "Start (inclusive): RFC 3339, `now`, or a duration back from now (`-10m`). Default: an hour before `to`.", example = "-10m"),
+        ("to" = Option<String>, Query, description = "End (exclusive), same forms. Default: now.", example = "now"),
+        ("step" = Option<String>, Query, description = "Desired spacing of points: seconds (`60`) or a duration (`5m`). 60 s or more selects rollups.", example = "5m"),
+    ),
+    responses(
+        (status = 200, description = "The series.", body = Series),
+        (status = 400, description = "A parameter is missing, unknown, repeated or invalid.", body = ErrorBody),
+        (status = 404, description = "Unknown device, or a sensor the device does not have.", body = ErrorBody),
+        (status = 503, description = "The store is unavailable.", body = ErrorBody),
+    )
+)]
+pub async fn series(
+    State(st): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Series>, ApiError> {
+    let id = device_id(path)?;
+    let p = Params::parse(query.as_deref(), &["sensor", "from", "to", "step"])?;
+    let sensor = match p.one("sensor")? {
+        Some(s) if !s.is_empty() => s.to_string(),
+        _ => return Err(ApiError::bad("sensor is required, e.g. ?sensor=speed")),
+    };
+    // Names the wire contract cannot produce have no history; refusing them here also keeps
+    // bytes no store accepts (a NUL in PostgreSQL text) away from the store.
+    if !is_valid_token(&id) {
+        return Err(not_found(&id));
+    }
+    if !sensor.split('.').all(is_valid_token) {
+        return Err(ApiError::bad(format!(
+            "sensor {:?} is not a sensor name: tokens of letters, digits, '-' or '_', \
+             joined by '.' (speed, gps.lat)",
+            truncate(&sensor)
+        )));
+    }
+    let now = Timestamp::now();
+    let to = match p.one("to")? {
+        Some(v) => parse_instant("to", v, now)?,
+        // Exclusive end: include a reading stamped this very microsecond.
+        None => now.saturating_add_micros(1),
+    };
+    let from = match p.one("from")? {
+        Some(v) => parse_instant("from", v, now)?,
+        None => to.saturating_add_micros(-micros(DEFAULT_SPAN)),
+    };
+    if from >= to {
+        return Err(ApiError::bad(format!(
+            "from ({from}) must be before to ({to})"
+        )));
+    }
+    if to.as_micros().saturating_sub(from.as_micros()) > micros(MAX_RANGE) {
+        return Err(ApiError::bad(
+            "the range from..to must not be longer than 366 days",
+        ));
+    }
+    let step = match p.one("step")? {
+        Some(v) => Some(parse_duration("step", v, MAX_RANGE)?),
+        None => None,
+    };
+
+    let lookup = st.index.sensor(&id, &sensor);
+    let mut plan = plan(from, to, step);
+    let mut points = Vec::new();
+    if plan == Plan::Raw {
+        let raw = st
+            .store
+            .history(&id, &sensor, Range { from, to }, RAW_CAP + 1)
+            .await?;
+        if raw.len() > RAW_CAP {
+            plan = rollup_plan(from, to, step);
+        } else {
+            points = raw
+                .into_iter()
+                .map(|r| SeriesPoint {
+                    ts: r.ts.to_rfc3339(),
+                    value: r.value,
+                    min: None,
+                    max: None,
+                    count: None,
+                    last: None,
+                })
+                .collect();
+        }
+    }
+    if let Plan::Rollups { bucket_us } = plan {
+        // Start at the bucket holding `from`, so its first minutes are not left out.
+        let start = from.as_micros() - from.as_micros().rem_euclid(bucket_us);
+        let rollups = st
+            .store
+            .rollups(
+                &id,
+                &sensor,
+                Range {
+                    from: Timestamp::from_micros(start),
+                    to,
+                },
+            )
+            .await?;
+        points = merge_rollups(&rollups, bucket_us);
+    }
+
+    let unit = match lookup {
+        SensorLookup::Known { unit } => unit,
+        SensorLookup::UnknownDevice if points.is_empty() => return Err(not_found(&id)),
+        SensorLookup::UnknownSensor if points.is_empty() => {
+            return Err(ApiError::NotFound(format!(
+                "device {:?} has no sensor {:?}",
+                truncate(&id),
+                truncate(&sensor)
+            )))
+        }
+        _ => None,
+    };
+    let (source, step) = match plan {
+        Plan::Raw => (SeriesSource::Raw, None),
+        Plan::Rollups { bucket_us } => {
+            (SeriesSource::Rollup1m, Some((bucket_us / 1_000_000) as u64))
+        }
+    };
+    Ok(Json(Series {
+        device: id,
+        sensor,
+        unit,
+        source,
+        from: from.to_rfc3339(),
+        to: to.to_rfc3339(),
+        step,
+        points,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: i64 = 1_771_149_600_000_000;
+    const MIN: i64 = MINUTE_US;
+    const HOUR: i64 = 60 * MIN;
+
+    #[test]
+    fn source_rule() {
+        let at = |us: i64| Timestamp::from_micros(T0 + us);
+        let secs = |s: u64| Some(Duration::from_secs(s));
+        let cases: &[(i64, Option<Duration>, Plan)] = &[
+            (10 * MIN, None, Plan::Raw),
+            (6 * HOUR, None, Plan::Raw),
+            (6 * HOUR, secs(59), Plan::Raw),
+            (10 * MIN, secs(60), Plan::Rollups { bucket_us: MIN }),
+            (10 * MIN, secs(90), Plan::Rollups { bucket_us: 2 * MIN }),
+            (6 * HOUR + 1, None, Plan::Rollups { bucket_us: MIN }),
+            (24 * HOUR, secs(300), Plan::Rollups { bucket_us: 5 * MIN }),
+            // 30 days in at most 10,000 buckets: 4.32 min, rounded up to 5.
+            (30 * 24 * HOUR, None, Plan::Rollups { bucket_us: 5 * MIN }),
+            (
+                30 * 24 * HOUR,
+                secs(3600),
+                Plan::Rollups { bucket_us: HOUR },
+            ),
+        ];
+        for &(span, step, want) in cases {
+            assert_eq!(
+                plan(at(0), at(span), step),
+                want,
+                "span {span} step {step:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn merging_rollups() {
+        let r = |minute: i64, count: u64, min: f64, max: f64, avg: f64, last: f64| Rollup {
+            minute: Timestamp::from_micros(T0 + minute * MIN),
+            count,
+            min,
+            max,
+            avg,
+            last,
+        };
+        let rollups = [
+            r(0, 1, 10.0, 10.0, 10.0, 10.0),
+            r(1, 3, 0.0, 30.0, 20.0, 5.0),
+            r(2, 2, 1.0, 2.0, 1.5, 2.0),
+        ];
+        let points = merge_rollups(&rollups, 2 * MIN);
+        assert_eq!(points.len(), 2);
+        assert_eq!(points[0].ts, Timestamp::from_micros(T0).to_rfc3339());
+        assert_eq!(points[0].count, Some(4));
+        assert_eq!(points[0].value, (10.0 + 60.0) / 4.0);
+        assert_eq!((points[0].min, points[0].max), (Some(0.0), Some(30.0)));
+        assert_eq!(points[0].last, Some(5.0));
+        assert_eq!(points[1].count, Some(2));
+        let one_minute = merge_rollups(&rollups, MIN);
+        assert_eq!(one_minute.len(), 3);
+        assert_eq!(one_minute[1].value, 20.0);
+    }
+}

@@ -1,0 +1,1266 @@
+//! The HTTP API through its router (no socket, `oneshot`), with a real SQLite store in a
+//! temporary directory and an index filled directly; a watch against a real nats-server;
+//! and a schema-driven fuzz run against a running server.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use axum::Router;
+use fleetpipe_api::{router, AppState, Index};
+use fleetpipe_pipeline::state::StateValue;
+use fleetpipe_pipeline::Stats;
+use fleetpipe_proto::{Reading, Timestamp};
+use fleetpipe_store::{Point, Range, Record, Rollup, Snapshot, Store, StoreError};
+use futures::StreamExt;
+use serde_json::Value;
+use tower::ServiceExt;
+
+const SEC: i64 = 1_000_000;
+const MIN: i64 = 60 * SEC;
+const HOUR: i64 = 60 * MIN;
+const DEVICES: i64 = 20;
+
+/// A router over a SQLite store and an index of 20 devices:
+/// * `v000NN`, sensors `speed` (km/h), `soc` (%), `gps.lat`, `gps.lon`, last seen `NN × 4 s`
+///   ago (so `v00000`..`v00007` are online), tag `site` = `munich` for even NN, `paris`
+///   for odd;
+/// * in the store: `v00001`/`speed` every 10 s over the last 8 h; `v00002`/`speed` every
+///   0.25 s over the last hour (more than the raw cap); `ghost`/`speed` (in the store
+///   only, not in the index) over the last 10 min.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    state: AppState,
+    now: i64,
+}
+
+impl Fixture {
+    async fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("api.db").display());
+        let store = fleetpipe_store::open(&url).await.unwrap();
+        let now = Timestamp::now().as_micros();
+        let index = Arc::new(Index::new());
+        for i in 0..DEVICES {
+            let device = format!("v{i:05}");
+            let ts = now - i * 4 * SEC;
+            let site = if i % 2 == 0 { "munich" } else { "paris" };
+            for (sensor, value, unit) in [
+                ("speed", 10.0 * i as f64, Some("km/h")),
+                ("soc", 100.0 - i as f64, Some("%")),
+                ("gps.lat", 48.0 + i as f64 / 100.0, None),
+                ("gps.lon", 2.0 + i as f64 / 100.0, None),
+            ] {
+                index.apply_put(&device, sensor, state(value, ts, unit, &[("site", site)]));
+            }
+        }
+        index.mark_ready();
+
+        let mut records = Vec::new();
+        let mut seq = 0;
+        let mut push = |device: &str, sensor: &str, ts: i64, value: f64| {
+            seq += 1;
+            records.push(Record {
+                seq,
+                reading: Reading {
+                    device: device.into(),
+                    sensor: sensor.into(),
+                    value,
+                    ts: Timestamp::from_micros(ts),
+                    unit: Some("km/h".into()),
+                    quality: None,
+                    tags: Vec::new(),
+                },
+            });
+        };
+        for k in 0..(8 * 360) {
+            push(
+                "v00001",
+                "speed",
+                now - 8 * HOUR + k * 10 * SEC,
+                k as f64 % 100.0,
+            );
+        }
+        for k in 0..(4 * 3600) {
+            push("v00002", "speed", now - HOUR + k * SEC / 4, 1.0);
+        }
+        for k in 0..60 {
+            push("ghost", "speed", now - 10 * MIN + k * 10 * SEC, 5.0);
+        }
+        for chunk in records.chunks(5000) {
+            store.write_readings(chunk).await.unwrap();
+        }
+        let state = AppState::new(index, store, Arc::new(Stats::default()));
+        Fixture {
+            _dir: dir,
+            state,
+            now,
+        }
+    }
+
+    fn app(&self) -> Router {
+        router(self.state.clone())
+    }
+}
+
+fn state(value: f64, ts: i64, unit: Option<&str>, tags: &[(&str, &str)]) -> StateValue {
+    StateValue {
+        value,
+        ts,
+        unit: unit.map(str::to_string),
+        quality: None,
+        tags: tags
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+async fn request(app: &Router, method: &str, uri: &str) -> (StatusCode, String, Vec<u8>) {
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(Body::empty())
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let content_type = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    (status, content_type, body.to_vec())
+}
+
+async fn get_json(app: &Router, uri: &str) -> (StatusCode, Value) {
+    let (status, content_type, body) = request(app, "GET", uri).await;
+    assert!(
+        content_type.starts_with("application/json"),
+        "{uri}: content type {content_type:?}"
+    );
+    let value = serde_json::from_slice(&body)
+        .unwrap_or_else(|e| panic!("{uri}: not JSON ({e}): {}", String::from_utf8_lossy(&body)));
+    (status, value)
+}
+
+/// Asserts a 400 (or other error) whose message mentions `needle`.
+async fn assert_error(app: &Router, uri: &str, want: StatusCode, needle: &str) {
+    let (status, body) = get_json(app, uri).await;
+    assert_eq!(status, want, "{uri}: {body}");
+    let message = body["error"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(needle),
+        "{uri}: error {message:?} does not mention {needle:?}"
+    );
+}
+
+fn ids(body: &Value) -> Vec<&str> {
+    body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// devices
+
+#[tokio::test]
+async fn devices_default_listing() {
+    let f = Fixture::new().await;
+    let (status, body) = get_json(&f.app(), "/api/v1/devices").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["total"], 20);
+    assert_eq!(body["limit"], 100);
+    assert_eq!(body["offset"], 0);
+    let ids = ids(&body);
+    assert_eq!(ids.len(), 20);
+    assert_eq!(ids[0], "v00000");
+    assert!(ids.windows(2).all(|w| w[0] < w[1]));
+
+    let d = &body["items"][3];
+    assert_eq!(d["id"], "v00003");
+    assert_eq!(d["online"], true);
+    assert_eq!(d["tags"], serde_json::json!({"site": "paris"}));
+    let last_seen = Timestamp::from_micros(f.now - 12 * SEC).to_rfc3339();
+    assert_eq!(d["last_seen"], last_seen.as_str());
+    assert_eq!(
+        d["sensors"]["speed"],
+        serde_json::json!({"value": 30.0, "ts": last_seen, "unit": "km/h"})
+    );
+    assert_eq!(d["sensors"]["gps.lat"]["unit"], Value::Null);
+    assert_eq!(body["items"][19]["online"], false);
+}
+
+#[tokio::test]
+async fn devices_filters_sort_and_pages() {
+    let f = Fixture::new().await;
+    let app = f.app();
+    let cases: &[(&str, u64, &[&str])] = &[
+        ("prefix=v0001", 10, &["v00010", "v00011"]),
+        (
+            "tag=site:munich&limit=3",
+            10,
+            &["v00000", "v00002", "v00004"],
+        ),
+        (
+            "tag=site%3Aparis&prefix=v0001&limit=2",
+            5,
+            &["v00011", "v00013"],
+        ),
+        ("tag=site:munich&tag=site:paris", 0, &[]),
+        ("tag=site:berlin", 0, &[]),
+        ("sort=last_seen&limit=2", 20, &["v00019", "v00018"]),
+        (
+            "sort=last_seen&order=desc&limit=2",
+            20,
+            &["v00000", "v00001"],
+        ),
+        ("order=desc&limit=1", 20, &["v00019"]),
+        ("limit=2&offset=5", 20, &["v00005", "v00006"]),
+        ("offset=100", 20, &[]),
+        ("limit=0", 20, &[]),
+        (
+            "online=true",
+            8,
+            &[
+                "v00000", "v00001", "v00002", "v00003", "v00004", "v00005", "v00006", "v00007",
+            ],
+        ),
+        ("online=false&limit=1", 12, &["v00008"]),
+        ("prefix=", 20, &["v00000"]),
+        ("prefix=zzz", 0, &[]),
+    ];
+    for (query, total, want) in cases {
+        let uri = format!("/api/v1/devices?{query}");
+        let (status, body) = get_json(&app, &uri).await;
+        assert_eq!(status, StatusCode::OK, "{uri}: {body}");
+        assert_eq!(body["total"], *total, "{uri}");
+        let got = ids(&body);
+        assert_eq!(&got[..want.len().min(got.len())], *want, "{uri}");
+    }
+    let (_, body) = get_json(&app, "/api/v1/devices?limit=10000").await;
+    assert_eq!(body["limit"], 10000);
+}
+
+#[tokio::test]
+async fn devices_bad_parameters() {
+    let f = Fixture::new().await;
+    let app = f.app();
+    let cases = [
+        ("limit=10001", "limit must be an integer from 0 to 10000"),
+        ("limit=abc", "limit"),
+        ("limit=-1", "limit"),
+        ("limit=", "limit"),
+        ("offset=-5", "offset"),
+        ("offset=1.5", "offset"),
+        ("sort=name", "sort must be one of id, last_seen"),
+        ("order=up", "order must be one of asc, desc"),
+        ("online=maybe", "online must be one of true, false"),
+        ("tag=site", "tag must be KEY:VALUE"),
+        ("tag=:munich", "tag must be KEY:VALUE"),
+        ("limit=1&limit=2", "\"limit\" is given more than once"),
+        (
+            "sensor=speed",
+            "unknown parameter \"sensor\"; accepted: prefix, tag",
+        ),
+    ];
+    for (query, needle) in cases {
+        assert_error(
+            &app,
+            &format!("/api/v1/devices?{query}"),
+            StatusCode::BAD_REQUEST,
+            needle,
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn one_device() {
+    let f = Fixture::new().await;
+    let app = f.app();
+    let (status, body) = get_json(&app, "/api/v1/devices/v00007").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["id"], "v00007");
+    assert_eq!(body["sensors"].as_object().unwrap().len(), 4);
+    assert_eq!(body["sensors"]["soc"]["value"], 93.0);
+
+    let (status, body) = get_json(&app, "/api/v1/devices/nope").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        body,
+        serde_json::json!({"error": "device \"nope\" not found"})
+    );
+    // Not valid UTF-8 once decoded: not a device either.
+    assert_error(
+        &app,
+        "/api/v1/devices/%FF%FE",
+        StatusCode::NOT_FOUND,
+        "not found",
+    )
+    .await;
+    assert_error(
+        &app,
+        "/api/v1/devices/v00001?verbose=1",
+        StatusCode::BAD_REQUEST,
+        "unknown parameter \"verbose\"; accepted: none",
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// series
+
+#[tokio::test]
+async fn series_raw_and_rollups() {
+    let f = Fixture::new().await;
+    let app = f.app();
+
+    // 10 minutes: raw readings.
+    let (status, body) =
+        get_json(&app, "/api/v1/devices/v00001/series?sensor=speed&from=-10m").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["source"], "raw");
+    assert_eq!(body["device"], "v00001");
+    assert_eq!(body["sensor"], "speed");
+    assert_eq!(body["unit"], "km/h");
+    assert!(body.get("step").is_none());
+    let points = body["points"].as_array().unwrap();
+    assert!((59..=61).contains(&points.len()), "{}", points.len());
+    assert_eq!(points[0].as_object().unwrap().len(), 2, "{}", points[0]);
+    assert!(points[0]["ts"].as_str().unwrap() < points[1]["ts"].as_str().unwrap());
+
+    // Longer than 6 h: rollups per minute.
+    let (_, body) = get_json(&app, "/api/v1/devices/v00001/series?sensor=speed&from=-8h").await;
+    assert_eq!(body["source"], "rollup_1m");
+    assert_eq!(body["step"], 60);
+    let points = body["points"].as_array().unwrap();
+    assert!((479..=481).contains(&points.len()), "{}", points.len());
+    let p = &points[10];
+    for field in ["ts", "value", "min", "max", "count", "last"] {
+        assert!(p.get(field).is_some(), "{p} lacks {field}");
+    }
+    assert_eq!(p["count"], 6);
+    let total: u64 = points.iter().map(|p| p["count"].as_u64().unwrap()).sum();
+    assert_eq!(total, 8 * 360);
+
+    // A step of a minute or more: rollups in buckets of the step.
+    let (_, body) = get_json(
+        &app,
+        "/api/v1/devices/v00001/series?sensor=speed&from=-1h&step=5m",
+    )
+    .await;
+    assert_eq!(body["source"], "rollup_1m");
+    assert_eq!(body["step"], 300);
+    let points = body["points"].as_array().unwrap();
+    assert!((12..=13).contains(&points.len()), "{}", points.len());
+    // A step under a minute keeps raw readings.
+    let (_, body) = get_json(
+        &app,
+        "/api/v1/devices/v00001/series?sensor=speed&from=-2m&step=10",
+    )
+    .await;
+    assert_eq!(body["source"], "raw");
+
+    // One hour holding more raw readings than the cap: rollups after all.
+    let (_, body) = get_json(&app, "/api/v1/devices/v00002/series?sensor=speed&from=-1h").await;
+    assert_eq!(body["source"], "rollup_1m");
+    let (_, body) = get_json(&app, "/api/v1/devices/v00002/series?sensor=speed&from=-20m").await;
+    assert_eq!(body["source"], "raw");
+    let n = body["points"].as_array().unwrap().len();
+    assert!((4780..=4800).contains(&n), "{n}");
+
+    // Absolute times, an explicit `to`, and `+` offsets encoded or not.
+    let from = Timestamp::from_micros(f.now - 30 * MIN).to_rfc3339();
+    let to = Timestamp::from_micros(f.now - 20 * MIN).to_rfc3339();
+    let (status, body) = get_json(
+        &app,
+        &format!("/api/v1/devices/v00001/series?sensor=speed&from={from}&to={to}"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["from"], from.as_str());
+    assert_eq!(body["to"], to.as_str());
+    assert_eq!(body["points"].as_array().unwrap().len(), 60);
+    for offset in ["%2B00:00", "+00:00"] {
+        let uri = format!(
+            "/api/v1/devices/v00001/series?sensor=speed&from=2026-02-15T10:00:00{offset}&to=now"
+        );
+        let (status, body) = get_json(&app, &uri).await;
+        // Months before now: a long range, so rollups.
+        assert_eq!(status, StatusCode::OK, "{uri}: {body}");
+        assert_eq!(body["source"], "rollup_1m");
+    }
+
+    // A device known only to the store still has a history; a known sensor with no data
+    // in range is an empty series.
+    let (status, body) = get_json(&app, "/api/v1/devices/ghost/series?sensor=speed").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["points"].as_array().unwrap().len(), 60);
+    assert_eq!(body["unit"], Value::Null);
+    let (status, body) = get_json(&app, "/api/v1/devices/v00005/series?sensor=soc").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["unit"], "%");
+    assert_eq!(body["points"], serde_json::json!([]));
+}
+
+#[tokio::test]
+async fn series_errors() {
+    let f = Fixture::new().await;
+    let app = f.app();
+    let base = "/api/v1/devices/v00001/series";
+    let bad = [
+        ("", "sensor is required"),
+        ("sensor=", "sensor is required"),
+        (
+            "sensor=speed&from=yesterday",
+            "from \"yesterday\" is neither an RFC 3339 time",
+        ),
+        ("sensor=speed&to=later", "to \"later\" is neither"),
+        ("sensor=speed&from=-1h&to=-2h", "must be before to"),
+        ("sensor=speed&from=now&to=now", "must be before to"),
+        (
+            "sensor=speed&from=-400d",
+            "must not be longer than 366 days",
+        ),
+        (
+            "sensor=speed&from=1969-01-01T00:00:00Z",
+            "outside 1970-01-01..9999-12-31",
+        ),
+        ("sensor=speed&step=0", "step must be a positive duration"),
+        ("sensor=speed&step=fast", "step must be a positive duration"),
+        ("sensor=speed&step=-5m", "step must be a positive duration"),
+        (
+            "sensor=speed&step=400d",
+            "step must be a positive duration up to",
+        ),
+        (
+            "sensor=speed&sensor=soc",
+            "\"sensor\" is given more than once",
+        ),
+        ("sensor=sp%00eed", "is not a sensor name"),
+        ("sensor=gps..lat", "is not a sensor name"),
+        ("sensor=speed%20", "is not a sensor name"),
+        (
+            "sensor=speed&resolution=1m",
+            "unknown parameter \"resolution\"; accepted: sensor, from, to, step",
+        ),
+    ];
+    for (query, needle) in bad {
+        assert_error(
+            &app,
+            &format!("{base}?{query}"),
+            StatusCode::BAD_REQUEST,
+            needle,
+        )
+        .await;
+    }
+    assert_error(
+        &app,
+        "/api/v1/devices/nope/series?sensor=speed",
+        StatusCode::NOT_FOUND,
+        "device \"nope\" not found",
+    )
+    .await;
+    assert_error(
+        &app,
+        "/api/v1/devices/bad%00id/series?sensor=speed",
+        StatusCode::NOT_FOUND,
+        "not found",
+    )
+    .await;
+    assert_error(
+        &app,
+        "/api/v1/devices/v00001/series?sensor=altitude",
+        StatusCode::NOT_FOUND,
+        "device \"v00001\" has no sensor \"altitude\"",
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// fleet summary
+
+#[tokio::test]
+async fn fleet_summary() {
+    let f = Fixture::new().await;
+    let app = f.app();
+    f.state.stats.dead_letters.store(7, Relaxed);
+    let (status, body) = get_json(&app, "/api/v1/fleet/summary").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["devices"], 20);
+    assert_eq!(body["online"], 8);
+    assert_eq!(body["offline"], 12);
+    assert_eq!(
+        body["sensors"]["speed"],
+        serde_json::json!({"count": 20, "min": 0.0, "avg": 95.0, "max": 190.0})
+    );
+    assert_eq!(body["sensors"].as_object().unwrap().len(), 4);
+    assert_eq!(body["dead_letters"], 7);
+
+    // Once the broker has been polled, the dead-letter stream's count is the figure.
+    f.state.broker.dead_letters.store(42, Relaxed);
+    f.state.broker.polled.store(true, Relaxed);
+    let (_, body) = get_json(&app, "/api/v1/fleet/summary").await;
+    assert_eq!(body["dead_letters"], 42);
+
+    assert_error(
+        &app,
+        "/api/v1/fleet/summary?site=munich",
+        StatusCode::BAD_REQUEST,
+        "unknown parameter \"site\"",
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// live
+
+/// Reads SSE frames from a body until `n` events arrived (or 5 s passed).
+async fn read_events(body: Body, n: usize) -> Vec<(String, Value)> {
+    let mut stream = body.into_data_stream();
+    let mut text = String::new();
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while events.len() < n {
+        let chunk = match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Some(Ok(c))) => c,
+            _ => break,
+        };
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = text.find("\n\n") {
+            let frame: String = text.drain(..end + 2).collect();
+            let mut name = String::new();
+            let mut data = String::new();
+            for line in frame.lines() {
+                if let Some(v) = line.strip_prefix("event: ") {
+                    name = v.to_string();
+                } else if let Some(v) = line.strip_prefix("data: ") {
+                    data.push_str(v);
+                }
+            }
+            if !name.is_empty() {
+                events.push((name, serde_json::from_str(&data).unwrap()));
+            }
+        }
+    }
+    events
+}
+
+async fn open_live(app: &Router, query: &str) -> Body {
+    let req = Request::get(format!("/api/v1/live{query}"))
+        .body(Body::empty())
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let ct = resp.headers()[header::CONTENT_TYPE].to_str().unwrap();
+    assert_eq!(ct, "text/event-stream");
+    resp.into_body()
+}
+
+#[tokio::test]
+async fn live_stream_filters() {
+    let f = Fixture::new().await;
+    let app = f.app();
+    let all = open_live(&app, "").await;
+    let one_device = open_live(&app, "?device=v00003").await;
+    let sensors = open_live(&app, "?sensor=speed,%20soc").await;
+    let both = open_live(&app, "?device=v00003&sensor=soc").await;
+    let ts = Timestamp::now().as_micros();
+    let index = &f.state.index;
+    index.apply_put("v00003", "gps.lat", state(48.5, ts, None, &[]));
+    index.apply_put("v00004", "speed", state(55.0, ts, Some("km/h"), &[]));
+    index.apply_put("v00003", "soc", state(70.0, ts, Some("%"), &[]));
+
+    let got = read_events(all, 3).await;
+    assert_eq!(got.len(), 3);
+    assert!(got.iter().all(|(name, _)| name == "state"));
+    assert_eq!(
+        got[1].1,
+        serde_json::json!({
+            "device": "v00004", "sensor": "speed", "value": 55.0,
+            "ts": Timestamp::from_micros(ts).to_rfc3339(), "unit": "km/h"
+        })
+    );
+    let sensors_of = |events: &[(String, Value)]| -> Vec<(String, String)> {
+        events
+            .iter()
+            .map(|(_, v)| {
+                (
+                    v["device"].as_str().unwrap().to_string(),
+                    v["sensor"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let pair = |d: &str, s: &str| (d.to_string(), s.to_string());
+    assert_eq!(
+        sensors_of(&read_events(one_device, 2).await),
+        [pair("v00003", "gps.lat"), pair("v00003", "soc")]
+    );
+    assert_eq!(
+        sensors_of(&read_events(sensors, 2).await),
+        [pair("v00004", "speed"), pair("v00003", "soc")]
+    );
+    assert_eq!(
+        sensors_of(&read_events(both, 1).await),
+        [pair("v00003", "soc")]
+    );
+}
+
+#[tokio::test]
+async fn live_slow_client_skips_ahead() {
+    let f = Fixture::new().await;
+    let body = open_live(&f.app(), "?device=v00001").await;
+    // The client reads nothing while far more events than the buffer holds go by.
+    let ts = Timestamp::now().as_micros();
+    let n = fleetpipe_api::index::LIVE_CAPACITY + 1000;
+    for i in 0..n {
+        f.state
+            .index
+            .apply_put("v00001", "speed", state(i as f64, ts, None, &[]));
+    }
+    let events = read_events(body, 2).await;
+    assert_eq!(events[0].0, "lagged");
+    assert_eq!(events[0].1["dropped"], 1000);
+    assert_eq!(events[1].0, "state");
+    assert_eq!(events[1].1["value"], 1000.0);
+}
+
+#[tokio::test]
+async fn live_bad_parameters() {
+    let f = Fixture::new().await;
+    let app = f.app();
+    for (query, needle) in [
+        ("sensor=", "sensor must name sensors"),
+        ("sensor=,,", "sensor must name sensors"),
+        ("device=", "device must not be empty"),
+        ("device=a&device=b", "given more than once"),
+        (
+            "devices=v1",
+            "unknown parameter \"devices\"; accepted: device, sensor",
+        ),
+    ] {
+        assert_error(
+            &app,
+            &format!("/api/v1/live?{query}"),
+            StatusCode::BAD_REQUEST,
+            needle,
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn live_streams_end_at_shutdown() {
+    let f = Fixture::new().await;
+    let body = open_live(&f.app(), "").await;
+    f.state.shutdown.cancel();
+    let mut stream = body.into_data_stream();
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(chunk) = stream.next().await {
+            chunk.unwrap();
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the live stream did not end at shutdown");
+}
+
+// ---------------------------------------------------------------------------------------
+// OpenAPI, probes, metrics, static files, fallbacks
+
+#[tokio::test]
+async fn openapi_describes_every_route() {
+    let f = Fixture::new().await;
+    let (status, doc) = get_json(&f.app(), "/api/v1/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let documented: BTreeSet<String> = doc["paths"].as_object().unwrap().keys().cloned().collect();
+    let routed: BTreeSet<String> = fleetpipe_api::routes::table()
+        .into_iter()
+        .map(|(path, _)| path.replace("{*", "{"))
+        .collect();
+    assert_eq!(documented, routed);
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        let get = &item["get"];
+        assert!(get.is_object(), "{path} has no GET");
+        assert!(
+            get["responses"]["200"].is_object(),
+            "{path} lacks a 200 response"
+        );
+        // Every path parameter is declared.
+        for segment in path.split('/').filter(|s| s.starts_with('{')) {
+            let name = segment.trim_matches(|c| c == '{' || c == '}');
+            let declared = get["parameters"]
+                .as_array()
+                .is_some_and(|ps| ps.iter().any(|p| p["name"] == name && p["in"] == "path"));
+            assert!(declared, "{path}: parameter {name} is not declared");
+        }
+    }
+    // The series rule is documented.
+    let series = doc["paths"]["/api/v1/devices/{id}/series"]["get"]["description"]
+        .as_str()
+        .unwrap();
+    assert!(
+        series.contains("6 h") && series.contains("10,000"),
+        "{series}"
+    );
+    for schema in [
+        "Device",
+        "DeviceList",
+        "Series",
+        "FleetSummary",
+        "LiveState",
+        "ErrorBody",
+    ] {
+        assert!(doc["components"]["schemas"][schema].is_object(), "{schema}");
+    }
+}
+
+#[tokio::test]
+async fn probes() {
+    let f = Fixture::new().await;
+    let (status, body) = get_json(&f.app(), "/healthz").await;
+    assert_eq!(
+        (status, body),
+        (StatusCode::OK, serde_json::json!({"status": "ok"}))
+    );
+
+    let (status, body) = get_json(&f.app(), "/readyz").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["ready"], true);
+    assert_eq!(body["store"], "ok");
+    assert_eq!(body["nats"], "not used");
+    assert!(body.get("error").is_none());
+
+    // Not ready while the state is loading.
+    let loading = AppState {
+        index: Arc::new(Index::new()),
+        ..f.state.clone()
+    };
+    let (status, body) = get_json(&router(loading), "/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["index"], "loading");
+    assert!(body["error"].as_str().unwrap().contains("still loading"));
+
+    // Not ready when the store fails; healthz does not care.
+    let broken = AppState {
+        store: Arc::new(DownStore),
+        ..f.state.clone()
+    };
+    let (status, body) = get_json(&router(broken.clone()), "/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        body["error"].as_str().unwrap().starts_with("store: error"),
+        "{body}"
+    );
+    let (status, _) = get_json(&router(broken.clone()), "/healthz").await;
+    assert_eq!(status, StatusCode::OK);
+    // A failing store is a 503 with a stable message, never the cause.
+    let (status, body) = get_json(
+        &router(broken),
+        "/api/v1/devices/v00001/series?sensor=speed",
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["error"], "the store is unavailable; try again shortly");
+}
+
+#[tokio::test]
+async fn metrics() {
+    let f = Fixture::new().await;
+    let stats = &f.state.stats;
+    stats.messages.store(1234, Relaxed);
+    stats.dead_letters.store(5, Relaxed);
+    stats.aggregator_skipped.store(2, Relaxed);
+    stats.store_write.observe(Duration::from_millis(3));
+    let (status, content_type, body) = request(&f.app(), "GET", "/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    let text = String::from_utf8(body).unwrap();
+    for line in [
+        "fleetpipe_messages_total 1234",
+        "fleetpipe_dead_letters_total 5",
+        "fleetpipe_aggregator_skipped_total 2",
+        "fleetpipe_store_write_seconds_count 1",
+        "fleetpipe_store_write_seconds_bucket{le=\"0.005\"} 1",
+        "fleetpipe_store_write_seconds_bucket{le=\"0.0025\"} 0",
+        "fleetpipe_devices 20",
+        "fleetpipe_devices_online 8",
+        "fleetpipe_state_keys 80",
+        "# EOF",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+    // Broker figures appear once polled.
+    assert!(!text.contains("fleetpipe_consumer_pending"));
+    f.state.broker.consumer_pending.store(99, Relaxed);
+    f.state.broker.polled.store(true, Relaxed);
+    let (_, _, body) = request(&f.app(), "GET", "/metrics").await;
+    let text = String::from_utf8(body).unwrap();
+    assert!(
+        text.lines().any(|l| l == "fleetpipe_consumer_pending 99"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn info() {
+    let f = Fixture::new().await;
+    let (status, body) = get_json(&f.app(), "/api/v1/info").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["store"], "sqlite");
+    assert_eq!(body["online_window_s"], 30);
+    assert_eq!(body["tile_url"], "");
+    assert_error(
+        &f.app(),
+        "/api/v1/info?x=1",
+        StatusCode::BAD_REQUEST,
+        "unknown parameter",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn dashboard_files() {
+    let f = Fixture::new().await;
+    let app = f.app();
+    let (status, content_type, body) = request(&app, "GET", "/").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(content_type, "text/html; charset=utf-8");
+    assert!(String::from_utf8_lossy(&body).contains("<html"));
+    let (status, _, same) = request(&app, "GET", "/assets/index.html").await;
+    assert_eq!((status, &same), (StatusCode::OK, &body));
+
+    // Revalidation with the ETag.
+    let resp = app
+        .clone()
+        .oneshot(Request::get("/").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let etag = resp.headers()[header::ETAG].clone();
+    let resp = app
+        .clone()
+        .oneshot(
+            Request::get("/")
+                .header(header::IF_NONE_MATCH, etag)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_MODIFIED);
+
+    // `api.tile_url` is written into the page's tile meta tag when the page has one.
+    let with_tiles = router(AppState {
+        tile_url: "https://tiles.example/{z}/{x}/{y}.png?a=1&b=\"2\"".into(),
+        ..f.state.clone()
+    });
+    let (status, content_type, page) = request(&with_tiles, "GET", "/").await;
+    assert_eq!(
+        (status, content_type.as_str()),
+        (StatusCode::OK, "text/html; charset=utf-8")
+    );
+    let page = String::from_utf8(page).unwrap();
+    let shipped = String::from_utf8(body.clone()).unwrap();
+    if shipped.contains(r#"<meta name="fleetpipe-tile-url" content="">"#) {
+        assert!(
+            page.contains(
+                r#"<meta name="fleetpipe-tile-url" content="https://tiles.example/{z}/{x}/{y}.png?a=1&amp;b=&quot;2&quot;">"#
+            ),
+            "{page}"
+        );
+    }
+
+    for missing in [
+        "/assets/nope.js",
+        "/assets/../Cargo.toml",
+        "/assets/%2e%2e/Cargo.toml",
+    ] {
+        assert_error(&app, missing, StatusCode::NOT_FOUND, "").await;
+    }
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods() {
+    let f = Fixture::new().await;
+    let app = f.app();
+    for uri in [
+        "/nope",
+        "/api/v1",
+        "/api/v1/devices/",
+        "/api/v2/devices",
+        "/api/v1/devices/a/b",
+    ] {
+        assert_error(&app, uri, StatusCode::NOT_FOUND, "no route for GET").await;
+    }
+    let (status, _, body) = request(&app, "POST", "/api/v1/devices").await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        body["error"],
+        "POST is not allowed on /api/v1/devices; use GET"
+    );
+    let (status, _, body) = request(&app, "HEAD", "/api/v1/devices").await;
+    assert_eq!((status, body.len()), (StatusCode::OK, 0));
+}
+
+/// A store that is down.
+struct DownStore;
+
+#[async_trait::async_trait]
+impl Store for DownStore {
+    fn kind(&self) -> &'static str {
+        "down"
+    }
+    async fn write_readings(&self, _: &[Record]) -> Result<u64, StoreError> {
+        Err(down())
+    }
+    async fn write_snapshots(&self, _: &[Snapshot]) -> Result<u64, StoreError> {
+        Err(down())
+    }
+    async fn history(
+        &self,
+        _: &str,
+        _: &str,
+        _: Range,
+        _: usize,
+    ) -> Result<Vec<Point>, StoreError> {
+        Err(down())
+    }
+    async fn rollups(&self, _: &str, _: &str, _: Range) -> Result<Vec<Rollup>, StoreError> {
+        Err(down())
+    }
+    async fn snapshots(
+        &self,
+        _: Option<&str>,
+        _: Range,
+        _: usize,
+    ) -> Result<Vec<Snapshot>, StoreError> {
+        Err(down())
+    }
+    async fn count_readings(&self) -> Result<u64, StoreError> {
+        Err(down())
+    }
+    async fn prune_readings(&self, _: Timestamp) -> Result<u64, StoreError> {
+        Err(down())
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        Err(down())
+    }
+}
+
+fn down() -> StoreError {
+    StoreError::Task("connection refused".into())
+}
+
+// ---------------------------------------------------------------------------------------
+// the watch, against a real nats-server
+
+#[tokio::test]
+async fn watch_replays_the_bucket_then_follows_it() {
+    use async_nats::jetstream::kv;
+    use fleetpipe_testkit::NatsServer;
+
+    let mut server = NatsServer::start();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let bucket = js
+        .create_key_value(kv::Config {
+            bucket: fleetpipe_pipeline::config::names::STATE_BUCKET.into(),
+            history: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let ts = Timestamp::now().as_micros();
+    let put = |key: &str, v: StateValue| {
+        let bucket = bucket.clone();
+        let key = key.to_string();
+        async move {
+            bucket
+                .put(key, serde_json::to_vec(&v).unwrap().into())
+                .await
+                .unwrap();
+        }
+    };
+    // Written before the watch starts: must be replayed (watch_all would miss them).
+    for i in 0..50 {
+        put(
+            &format!("d{i}.speed"),
+            state(i as f64, ts, Some("km/h"), &[("site", "x")]),
+        )
+        .await;
+    }
+    put("d0.speed", state(100.0, ts, Some("km/h"), &[])).await;
+    put("d1.gps.lat", state(48.1, ts, None, &[])).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = fleetpipe_store::open(&format!("sqlite://{}/w.db", dir.path().display()))
+        .await
+        .unwrap();
+    let index = Arc::new(Index::new());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let watch = tokio::spawn(fleetpipe_api::index::watch(
+        bucket.clone(),
+        index.clone(),
+        stop.clone(),
+    ));
+    let app = router(AppState {
+        nats: Some(client.clone()),
+        ..AppState::new(index.clone(), store, Arc::new(Stats::default()))
+    });
+    wait_until(|| index.is_ready()).await;
+    assert_eq!(index.devices(), 50);
+    assert_eq!(index.keys(), 51);
+    let (_, body) = get_json(&app, "/api/v1/devices/d0").await;
+    assert_eq!(body["sensors"]["speed"]["value"], 100.0);
+    assert_eq!(
+        body["tags"],
+        serde_json::json!({}),
+        "only the last value is replayed"
+    );
+    let (_, body) = get_json(&app, "/api/v1/devices/d2").await;
+    assert_eq!(body["tags"]["site"], "x");
+    let (status, body) = get_json(&app, "/readyz").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["nats"], "connected");
+
+    // Changes after the replay reach the index and live clients.
+    let live = open_live(&app, "?device=d7").await;
+    put("d7.speed", state(77.0, ts + 1, Some("km/h"), &[])).await;
+    let events = read_events(live, 1).await;
+    assert_eq!(events[0].1["value"], 77.0);
+    bucket.delete("d1.gps.lat").await.unwrap();
+    wait_until(|| index.keys() == 50).await;
+
+    // NATS gone: not ready.
+    server.kill();
+    wait_until(|| client.connection_state() != async_nats::connection::State::Connected).await;
+    let (status, body) = get_json(&app, "/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("nats:"), "{body}");
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(5), watch)
+        .await
+        .expect("the watch stops at shutdown")
+        .unwrap();
+}
+
+async fn wait_until(mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met in 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// fuzz: random requests built from the OpenAPI document, against a running server
+
+mod fuzz {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    const REQUESTS: usize = 3000;
+    const CONCURRENCY: usize = 8;
+
+    /// Values worth trying for any parameter: valid forms of every parameter type, edge
+    /// numbers, bad times and durations, encoded garbage.
+    const VALUES: &[&str] = &[
+        "",
+        "0",
+        "1",
+        "-1",
+        "100",
+        "10000",
+        "10001",
+        "18446744073709551616",
+        "1e9",
+        "NaN",
+        "true",
+        "false",
+        "id",
+        "last_seen",
+        "asc",
+        "desc",
+        "speed",
+        "soc",
+        "gps.lat",
+        "speed,soc",
+        ",",
+        "v00001",
+        "v0",
+        "ghost",
+        "site:munich",
+        "site:",
+        ":",
+        "now",
+        "-10m",
+        "10m",
+        "-8h",
+        "-366d",
+        "-367d",
+        "-100y",
+        "-999999999999y",
+        "5m",
+        "59s",
+        "60",
+        "2026-02-15T10:00:00Z",
+        "2026-02-15T10:00:00%2B01:00",
+        "2026-02-15T10:00:00+01:00",
+        "9999-12-31T23:59:59Z",
+        "0000-01-01T00:00:00Z",
+        "1969-12-31T23:59:59Z",
+        "%00",
+        "%FF%FE",
+        "%25",
+        "%",
+        "%zz",
+        "a%20b",
+        "..%2F..%2Fetc%2Fpasswd",
+        "%E2%98%83",
+        "'%20OR%201=1--",
+        "%3Cscript%3E",
+    ];
+
+    /// A request target built from the document: a documented path with random path
+    /// parameters, documented query parameters (and sometimes unknown ones) with random
+    /// values; now and then a mangled path.
+    fn target(rng: &mut StdRng, doc: &Value) -> String {
+        let paths: Vec<(&String, &Value)> = doc["paths"].as_object().unwrap().iter().collect();
+        let (path, item) = paths[rng.random_range(0..paths.len())];
+        let params: Vec<&Value> = item["get"]["parameters"]
+            .as_array()
+            .map(|a| a.iter().collect())
+            .unwrap_or_default();
+        let mut out = String::new();
+        for segment in path.split('/').skip(1) {
+            out.push('/');
+            if segment.starts_with('{') {
+                out.push_str(value(rng));
+            } else {
+                out.push_str(segment);
+            }
+        }
+        if rng.random_bool(0.05) {
+            out.push_str(["/", "/x", "//", "/%2F", "/.."][rng.random_range(0..5)]);
+        }
+        let mut query = Vec::new();
+        for p in params.iter().filter(|p| p["in"] == "query") {
+            let name = p["name"].as_str().unwrap();
+            let required = p["required"] == true;
+            let times = if required && rng.random_bool(0.9) {
+                1
+            } else {
+                rng.random_range(0..3)
+            };
+            for _ in 0..times {
+                query.push(format!("{name}={}", value(rng)));
+            }
+        }
+        if rng.random_bool(0.1) {
+            query.push(format!("{}={}", value(rng), value(rng)));
+        }
+        if !query.is_empty() {
+            out.push('?');
+            out.push_str(&query.join("&"));
+        }
+        out
+    }
+
+    fn value(rng: &mut StdRng) -> &'static str {
+        VALUES[rng.random_range(0..VALUES.len())]
+    }
+
+    /// Sends one request on a fresh connection and returns the status code. Reads only the
+    /// status line, so endless live streams are fine.
+    async fn status_of(addr: std::net::SocketAddr, target: &str) -> u16 {
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {target} HTTP/1.1\r\nHost: fuzz\r\nConnection: close\r\n\r\n");
+        conn.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 512];
+        while !buf.windows(2).any(|w| w == b"\r\n") {
+            let n = conn.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "{target}: connection closed without a status line");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let line = String::from_utf8_lossy(&buf);
+        line.split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("{target}: bad status line {line:?}"))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_5xx_from_random_requests() {
+        let f = Fixture::new().await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(fleetpipe_api::serve(listener, f.state.clone()));
+        let doc: Value =
+            serde_json::from_str(&fleetpipe_api::openapi::document().to_json().unwrap()).unwrap();
+        let seed = std::env::var("FLEETPIPE_FUZZ_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0x5eed_f1ee7);
+        println!("fuzz seed {seed} (set FLEETPIPE_FUZZ_SEED to replay)");
+        let mut rng = StdRng::seed_from_u64(seed);
+        let targets: Vec<String> = (0..REQUESTS).map(|_| target(&mut rng, &doc)).collect();
+        let started = std::time::Instant::now();
+        let mut statuses: BTreeMap<u16, usize> = BTreeMap::new();
+        let run = async {
+            let mut results = futures::stream::iter(targets.iter())
+                .map(|t| async move { (t, status_of(addr, t).await) })
+                .buffer_unordered(CONCURRENCY);
+            while let Some((t, status)) = results.next().await {
+                assert!(status < 500, "{t} -> {status}");
+                *statuses.entry(status).or_default() += 1;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(120), run)
+            .await
+            .expect("the fuzz run finishes in 2 minutes");
+        println!(
+            "{REQUESTS} requests in {:?}: statuses {statuses:?}",
+            started.elapsed()
+        );
+        // The generator reaches both successes and refusals.
+        assert!(
+            statuses.get(&200).copied().unwrap_or(0) > 100,
+            "{statuses:?}"
+        );
+        assert!(
+            statuses.get(&400).copied().unwrap_or(0) > 100,
+            "{statuses:?}"
+        );
+        f.state.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the server stops at shutdown")
+            .unwrap()
+            .unwrap();
+    }
+}
