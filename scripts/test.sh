@@ -6,5 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/setup.sh test)"
 cargo fmt --all -- --check
+npm --prefix web run --silent check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace "$@"
