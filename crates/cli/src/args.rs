@@ -229,6 +229,10 @@ pub struct BenchArgs {
     /// Latency probes.
     #[arg(long, default_value_t = 300)]
     pub probes: usize,
+    /// Background load, in messages/s, while the latency probes run. Default: half the
+    /// pipeline's measured rate.
+    #[arg(long, value_name = "MSGS_PER_SEC")]
+    pub latency_rate: Option<f64>,
     /// A previous run's --json output: also compare the pipeline's readings/s with it
     /// (e.g. 520,000 devices against 1,000).
     #[arg(long, value_name = "FILE")]

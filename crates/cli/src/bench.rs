@@ -70,6 +70,9 @@ pub async fn run(mut config: Config, store: Option<String>, a: BenchArgs) -> Res
     if a.probes == 0 {
         bail!("--probes must be at least 1");
     }
+    if a.latency_rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+        bail!("--latency-rate must be a positive number of messages per second");
+    }
     if a.duration < Duration::from_secs(1) {
         bail!("--duration must be at least 1s");
     }
@@ -180,17 +183,12 @@ impl Bench {
         let puts = state_puts(&broker.js).await?.saturating_sub(puts_before);
 
         // 3. Latency at half the pipeline's rate.
-        let half = (pipeline.messages_per_sec().0 / 2.0).max(1.0);
-        let latency = self
-            .latency(
-                half,
-                &broker2.js,
-                &broker2.state,
-                store.clone(),
-                &mut consumer,
-                pid,
-            )
-            .await?;
+        let half = self
+            .a
+            .latency_rate
+            .unwrap_or(pipeline.messages_per_sec().0 / 2.0)
+            .max(1.0);
+        let latency = self.latency(half, &mut consumer, pid).await?;
         self.drain("latency", &mut consumer, pid).await?;
 
         // 4. Accounting.
@@ -416,17 +414,20 @@ impl Bench {
     async fn latency(
         &self,
         rate: f64,
-        js: &jetstream::Context,
-        state: &kv::Store,
-        store: Arc<dyn Store>,
         consumer: &mut PullConsumer,
         pid: Option<u32>,
     ) -> Result<LatencyRun> {
         let stop = CancellationToken::new();
+        let probes = Probes {
+            config: self.config.clone(),
+            payload: self.payload,
+            n: self.a.probes,
+            duration: self.a.duration,
+        };
         let probes = async {
             // The background load settles first.
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let result = self.probes(js, state, store).await;
+            let result = probes.on_own_thread().await;
             stop.cancel();
             result
         };
@@ -440,21 +441,66 @@ impl Bench {
             ..probes
         })
     }
+}
 
-    /// Publishes `--probes` readings of the probe series, valued 0, 1, 2…, and times when
-    /// the latest state shows each (or a newer one) and when each row is queryable.
+/// The latency probes: a client of its own (connection, store handle, thread and runtime),
+/// so the load generator's tasks never delay a probe or the time it is seen.
+struct Probes {
+    config: Config,
+    payload: PayloadForm,
+    n: usize,
+    duration: Duration,
+}
+
+impl Probes {
+    async fn on_own_thread(self) -> Result<LatencyRun> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("bench-probes".into())
+            .spawn(move || {
+                let result = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("cannot start the probes' runtime")
+                    .and_then(|rt| rt.block_on(self.run()));
+                let _ = tx.send(result);
+            })
+            .context("cannot start the probes' thread")?;
+        rx.await.context("the probes' thread stopped")?
+    }
+
+    async fn run(self) -> Result<LatencyRun> {
+        let client = broker::connect(
+            &self.config.nats.url,
+            &self.config,
+            "fleetpipe-bench-probes",
+        )
+        .await?;
+        let js = jetstream::new(client);
+        let state = js
+            .get_key_value(names::STATE_BUCKET)
+            .await
+            .context("cannot open the latest-state bucket")?;
+        let store = fleetpipe_store::open(&self.config.store_url())
+            .await
+            .context("cannot open the store")?;
+        self.probes(&js, &state, store).await
+    }
+
+    /// Publishes `n` readings of the probe series, valued 0, 1, 2…, and times when the
+    /// latest state shows each (or a newer one) and when each row is queryable.
     async fn probes(
         &self,
         js: &jetstream::Context,
         state: &kv::Store,
         store: Arc<dyn Store>,
     ) -> Result<LatencyRun> {
-        let n = self.a.probes;
+        let n = self.n;
         let template = self.config.template()?;
         let tags: Vec<(&str, &str)> = template.tag_names().map(|t| (t, "bench")).collect();
         let subject = template.format(PROBE_DEVICE, PROBE_SENSOR, &tags)?;
         let every =
-            (self.a.duration / n as u32).clamp(Duration::from_millis(5), Duration::from_millis(20));
+            (self.duration / n as u32).clamp(Duration::from_millis(5), Duration::from_millis(20));
         let done = CancellationToken::new();
 
         let mut watch = state
@@ -734,15 +780,22 @@ struct Cpu {
     /// consumer.
     bench: Option<f64>,
     collector: Option<f64>,
+    /// Everything else on the machine: other work running at the same time skews the
+    /// figures, so it is measured rather than assumed away.
+    other: Option<f64>,
 }
 
 impl Cpu {
     fn now(nats: Option<u32>, collector: Option<u32>) -> Cpu {
-        Cpu {
+        let mut cpu = Cpu {
             nats_server: nats.and_then(cpu_secs),
             bench: cpu_secs(std::process::id()),
             collector: collector.and_then(cpu_secs),
-        }
+            other: None,
+        };
+        // Until `cores_between`, `other` holds the machine's total busy seconds.
+        cpu.other = machine_busy_secs();
+        cpu
     }
 
     /// CPU used between two readings, as cores busy over `secs`.
@@ -751,10 +804,18 @@ impl Cpu {
             (Some(x), Some(y)) if secs > 0.0 => Some((y - x).max(0.0) / secs),
             _ => None,
         };
+        let ours = [
+            d(a.nats_server, b.nats_server),
+            d(a.bench, b.bench),
+            d(a.collector, b.collector),
+        ];
+        let other =
+            d(a.other, b.other).map(|busy| (busy - ours.iter().flatten().sum::<f64>()).max(0.0));
         Cpu {
-            nats_server: d(a.nats_server, b.nats_server),
-            bench: d(a.bench, b.bench),
-            collector: d(a.collector, b.collector),
+            nats_server: ours[0],
+            bench: ours[1],
+            collector: ours[2],
+            other,
         }
     }
 }
@@ -1241,6 +1302,20 @@ fn cpu_secs(pid: u32) -> Option<f64> {
     Some(ticks as f64 / clock_ticks())
 }
 
+/// Busy CPU seconds of the whole machine since boot (all but idle and iowait), from
+/// `/proc/stat`.
+fn machine_busy_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .map(|t| t.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    let busy: u64 = ticks.iter().take(8).sum::<u64>() - ticks.get(3)? - ticks.get(4)?;
+    Some(busy as f64 / clock_ticks())
+}
+
 /// `sysconf(_SC_CLK_TCK)`: 100 on every Linux we know of; `getconf` confirms.
 fn clock_ticks() -> f64 {
     static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
@@ -1415,15 +1490,25 @@ fn print_report(r: &Report) {
     println!();
     let cores = |c: Option<f64>| c.map_or("–".to_string(), |c| format!("{c:.2}"));
     println!(
-        "  CPU, cores busy of {}         nats-server         bench     collector",
+        "  CPU, cores busy of {}         nats-server         bench     collector   other work",
         r.machine.cpus
     );
     for (name, p) in [("ceiling", &r.ceiling), ("pipeline", &r.pipeline)] {
         println!(
-            "    {name:<26} {:>12}  {:>12}  {:>12}",
+            "    {name:<26} {:>12}  {:>12}  {:>12}  {:>11}",
             cores(p.cpu_cores.nats_server),
             cores(p.cpu_cores.bench),
-            cores(p.cpu_cores.collector)
+            cores(p.cpu_cores.collector),
+            cores(p.cpu_cores.other)
+        );
+    }
+    let other = [r.ceiling.cpu_cores.other, r.pipeline.cpu_cores.other]
+        .into_iter()
+        .flatten()
+        .fold(0.0, f64::max);
+    if other > 0.2 {
+        println!(
+            "  note: other work kept {other:.2} cores busy during the run; the figures are low"
         );
     }
     if let Some(u) = &r.pipeline.state_updates {
