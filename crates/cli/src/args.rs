@@ -193,13 +193,16 @@ const BENCH_ABOUT: &str = "Measure the pipeline against the broker's own ceiling
     this machine.\n\n\
     Starts its own nats-server (temporary directory, free port) and, unless --store is given, a \
     temporary SQLite store; --nats-url is not used. Then:\n\
-    1. ceiling: simulated vehicles publish flat out through JetStream into a consumer that acks \
-    and discards (no decode, no storage);\n\
+    1. ceiling: simulated vehicles publish through JetStream into a consumer that acks and \
+    discards (no decode, no storage), held to at most 20,000 messages ahead of it, so the rate \
+    is what the consumer sustains;\n\
     2. pipeline: the same load through a `fleetpipe collect` child process (its peak RSS is \
     read from /proc);\n\
     3. latency: background load at half the pipeline's rate, and probe readings timed from \
     publish to the latest-state bucket and to a queryable row (p50/p99/max);\n\
-    4. accounting: readings acknowledged by the stream against rows stored, dead letters.\n\n\
+    4. overload: the publishers flat out, nothing holding them back: the backlog grows in \
+    JetStream while the collector's memory is watched, then drains;\n\
+    5. accounting: readings acknowledged by the stream against rows stored, dead letters.\n\n\
     Prints a table with each target of the benchmark met or missed (--json: one JSON object on \
     stdout); progress goes to stderr. Exits non-zero only when a reading was lost or stored \
     twice. TMPDIR chooses the disk.";
@@ -209,7 +212,7 @@ pub struct BenchArgs {
     /// Simulated vehicles (GPS, speed, state of charge and torque: 5 readings each).
     #[arg(long, default_value_t = 1000)]
     pub devices: usize,
-    /// Length of each throughput phase (ceiling, pipeline).
+    /// Length of each throughput phase (ceiling, pipeline, overload).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub duration: Duration,
     /// Payload form: plain (one number per message), json, or lp (line-protocol batches).

@@ -84,7 +84,9 @@ pub struct CollectorConfig {
     pub workers: usize,
     /// Most messages decoded and written in one store transaction.
     pub batch_size: usize,
-    /// How long a worker waits to fill a batch before writing what it has.
+    /// How long a worker waits for more messages to fill a batch. 0 (the default) takes what
+    /// the consumer has ready: under load batches fill by themselves, and the store merges
+    /// waiting batches into one transaction, so waiting only adds latency.
     #[serde(with = "duration_text")]
     pub batch_wait: Duration,
     /// Most messages delivered and not yet acknowledged across all collectors; the broker
@@ -220,7 +222,7 @@ impl Default for CollectorConfig {
             durable: "fleetpipe-collectors".into(),
             workers: 2,
             batch_size: 2000,
-            batch_wait: Duration::from_millis(20),
+            batch_wait: Duration::ZERO,
             max_ack_pending: 50_000,
             ack_wait: Duration::from_secs(30),
             max_payload_bytes: Limits::default().max_payload_bytes,

@@ -4,6 +4,11 @@
 //! runtime. Writes go through a single connection (SQLite admits one writer at a time
 //! anyway); reads use their own connections, which in WAL mode see the last committed
 //! state without waiting for a write in progress.
+//!
+//! Checkpoints (copying the WAL back into the database file) run on a thread of their own
+//! every [`CHECKPOINT_EVERY`], not inside a commit as SQLite's automatic checkpoint does: a
+//! commit never stalls behind one, and a page written many times between two checkpoints
+//! is copied once.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -26,6 +31,12 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle reader connections kept open; more are opened when reads run concurrently.
 const MAX_IDLE_READERS: usize = 4;
 
+/// How often the checkpointer thread copies the WAL into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// After a checkpoint, a WAL file larger than this is truncated to it.
+const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
+
 /// Marks a reading without a quality flag in [`Row::quality`].
 const NO_QUALITY: u32 = u32::MAX;
 
@@ -45,6 +56,58 @@ struct Inner {
     /// go through the writer.
     readers: Option<ReaderPool>,
     series: SeriesCache,
+    /// `None` for an in-memory database (no WAL).
+    _checkpointer: Option<Checkpointer>,
+}
+
+/// The thread that checkpoints the WAL; stops (after a last checkpoint) when dropped.
+struct Checkpointer {
+    stop: Arc<(Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl Checkpointer {
+    fn start(path: &str) -> Result<Checkpointer> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        let stop = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let flag = Arc::clone(&stop);
+        std::thread::Builder::new()
+            .name("sqlite-checkpoint".into())
+            .spawn(move || {
+                let (lock, wake) = &*flag;
+                let mut stopped = match lock.lock() {
+                    Ok(g) => g,
+                    Err(_) => return,
+                };
+                loop {
+                    let done = *stopped;
+                    // PASSIVE: copies what no reader still needs, never blocks a writer.
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
+                        tracing::warn!(error = %e, "sqlite checkpoint failed; retrying");
+                    }
+                    if done {
+                        return;
+                    }
+                    stopped = match wake.wait_timeout(stopped, CHECKPOINT_EVERY) {
+                        Ok((g, _)) => g,
+                        Err(_) => return,
+                    };
+                }
+            })
+            .map_err(|e| StoreError::Task(format!("cannot start the sqlite checkpointer: {e}")))?;
+        Ok(Checkpointer { stop })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        let (lock, wake) = &*self.stop;
+        if let Ok(mut stopped) = lock.lock() {
+            *stopped = true;
+        }
+        wake.notify_all();
+    }
 }
 
 struct ReaderPool {
@@ -119,7 +182,17 @@ impl Inner {
         )?;
         conn.set_prepared_statement_cache_capacity(32);
         migrate(&mut conn)?;
+        let checkpointer = if in_memory {
+            None
+        } else {
+            // The checkpointer thread takes over from SQLite's automatic checkpoints.
+            conn.execute_batch(&format!(
+                "PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {WAL_SIZE_LIMIT};"
+            ))?;
+            Some(Checkpointer::start(&path)?)
+        };
         Ok(Inner {
+            _checkpointer: checkpointer,
             writer: Mutex::new(conn),
             readers: (!in_memory).then(|| ReaderPool {
                 path,
@@ -635,6 +708,46 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_checkpointer_thread_copies_the_wal_into_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fleet.db");
+        let store = SqliteStore::open(path.to_str().unwrap()).await.unwrap();
+        let auto: i64 = store
+            .inner
+            .writer()
+            .unwrap()
+            .query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(auto, 0, "commits must not checkpoint themselves");
+        let before = std::fs::metadata(&path).unwrap().len();
+        let records: Vec<Record> = (0..5000u64)
+            .map(|i| Record {
+                seq: i + 1,
+                reading: fleetpipe_proto::Reading {
+                    device: format!("d{}", i % 500),
+                    sensor: "speed".into(),
+                    value: i as f64,
+                    ts: Timestamp::from_micros(1_700_000_000_000_000 + i as i64),
+                    unit: None,
+                    quality: None,
+                    tags: Vec::new(),
+                },
+            })
+            .collect();
+        store.write_readings(&records).await.unwrap();
+        // Only a checkpoint grows the database file; the commit went to the WAL.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::fs::metadata(&path).unwrap().len() <= before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no checkpoint within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(store.count_readings().await.unwrap(), 5000);
+    }
 
     #[tokio::test]
     async fn writer_is_wal_with_full_sync() {

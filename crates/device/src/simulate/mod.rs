@@ -150,6 +150,40 @@ pub struct SimConfig {
     /// readings (a line per family and tick, each with its own timestamp), as a device or
     /// Telegraf flushing a buffer does. 1 sends every tick on its own.
     pub ticks_per_message: usize,
+    /// Closed-loop load: publishing waits while the messages published so far reach the
+    /// gate's limit, which the caller raises as the consumer makes progress. For benchmarks
+    /// that measure a sustained rate rather than how fast a queue grows.
+    pub gate: Option<Arc<PublishGate>>,
+}
+
+/// A limit on the total messages a simulator run may publish, raised from outside (see
+/// [`SimConfig::gate`]). Publishers may overshoot it by one message per connection.
+#[derive(Debug)]
+pub struct PublishGate {
+    limit: AtomicU64,
+    raised: tokio::sync::Notify,
+}
+
+impl PublishGate {
+    /// A gate that lets `limit` messages through before it is first raised.
+    pub fn new(limit: u64) -> Arc<PublishGate> {
+        Arc::new(PublishGate {
+            limit: AtomicU64::new(limit),
+            raised: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Lets publishing continue up to `limit` messages in all (never lowers the limit).
+    pub fn raise_to(&self, limit: u64) {
+        if self.limit.fetch_max(limit, Ordering::Relaxed) < limit {
+            self.raised.notify_waiters();
+        }
+    }
+
+    /// The current limit.
+    pub fn limit(&self) -> u64 {
+        self.limit.load(Ordering::Relaxed)
+    }
 }
 
 impl Default for SimConfig {
@@ -177,6 +211,7 @@ impl SimConfig {
             max_messages: None,
             flat_out: false,
             ticks_per_message: 1,
+            gate: None,
         }
     }
 

@@ -29,6 +29,9 @@ const FAIL_FAST_AFTER: u64 = 16;
 
 /// Longest schedule stretch: with an absurdly low rate cap a tick lasts at most ~28 h.
 const MAX_STRETCH: f64 = 1e6;
+/// How often a publisher held by a [`super::PublishGate`] looks at its limit again even
+/// without being woken.
+const GATE_RECHECK: Duration = Duration::from_millis(50);
 
 /// Everything the workers share that does not change during a run.
 pub(super) struct Plan {
@@ -315,6 +318,9 @@ impl Worker {
                 return Ok(Flow::Stop);
             }
         }
+        if self.wait_for_gate().await? == Flow::Stop {
+            return Ok(Flow::Stop);
+        }
         if let Some(at) = self.pacer.as_mut().map(|p| p.reserve(Instant::now())) {
             if self.wait_until(at).await? == Flow::Stop {
                 return Ok(Flow::Stop);
@@ -355,6 +361,32 @@ impl Worker {
             self.record(result)?;
         }
         Ok(Flow::Continue)
+    }
+
+    /// With a [`PublishGate`], waits until the fleet's published messages are below its
+    /// limit, collecting acknowledgements meanwhile; `Stop` if told to stop.
+    async fn wait_for_gate(&mut self) -> Result<Flow, SimError> {
+        let Some(gate) = self.plan.cfg.gate.clone() else {
+            return Ok(Flow::Continue);
+        };
+        loop {
+            if self.stopping() {
+                return Ok(Flow::Stop);
+            }
+            let raised = gate.raised.notified();
+            if self.shared.counters.published.load(Ordering::Relaxed) < gate.limit() {
+                return Ok(Flow::Continue);
+            }
+            tokio::select! {
+                () = raised => {}
+                // A raise between the check and the wait is caught by the next check.
+                () = tokio::time::sleep(GATE_RECHECK) => {}
+                Some(result) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    self.record(result)?;
+                }
+                _ = self.stop.changed() => {}
+            }
+        }
     }
 
     /// Waits until `at`, collecting acknowledgements meanwhile; `Stop` if told to stop.

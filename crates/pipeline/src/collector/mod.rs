@@ -1,13 +1,22 @@
 //! Collectors: any number of identical workers, in any number of processes, sharing the
 //! durable pull consumer on the telemetry stream (JetStream's form of a queue group).
 //!
-//! Each worker takes a batch of messages, decodes it, writes the readings in one store
-//! transaction, publishes the latest state and the dead letters, and only then acknowledges
-//! the batch. When anything fails, the batch is negatively acknowledged and comes back;
-//! the store's idempotent writes make the second pass harmless.
+//! Inside one process the work is a two-stage pipeline:
+//!
+//! 1. **fetch** workers take whatever batch the consumer has ready (waiting at most
+//!    `collector.batch_wait` for more), decode it, and at once publish the latest state and
+//!    the dead letters, so the latest state never waits for the store;
+//! 2. **writers** take decoded batches, merge every batch already waiting into one store
+//!    transaction (group commit: under load, transactions grow instead of queueing), then
+//!    acknowledge each batch whose publishes also succeeded, and negatively acknowledge the
+//!    others, which come back; the store's idempotent writes make the second pass harmless.
+//!
+//! Between the stages a bounded channel: a slow store holds the fetch workers back, and
+//! `collector.max_ack_pending` bounds what is in flight, so memory stays flat under overload
+//! while the backlog waits in JetStream.
 //!
 //! **Architecture invariant:** only this module acknowledges telemetry messages, and only
-//! after the durable write of everything they carry.
+//! after the durable write of everything they carry (rows, latest state, dead letters).
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
@@ -20,9 +29,11 @@ use async_nats::jetstream::{self, consumer::PullConsumer, AckKind, Message};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use fleetpipe_proto::payload::decode_into;
-use fleetpipe_proto::{Decoded, Limits, Reject, SubjectTemplate, Timestamp};
+use fleetpipe_proto::{Limits, Reject, SubjectTemplate, Timestamp};
 use fleetpipe_store::{Record, Store};
 use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{names, Config};
@@ -45,6 +56,21 @@ pub mod headers {
 
 /// How long a failed batch waits before the broker redelivers it.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// A decoded batch on its way from a fetch worker to a writer.
+struct DecodedBatch {
+    messages: Vec<Message>,
+    records: Vec<Record>,
+    dead_letters: u64,
+    /// The latest-state and dead-letter publishes, started by the fetch worker: true when
+    /// the broker stored them all.
+    published: JoinHandle<bool>,
+}
+
+/// Most decoded batches waiting for a writer, per fetch worker: enough that a fetch worker
+/// never waits out a commit's fsync (the latest state would wait with it). Memory is
+/// bounded by `collector.max_ack_pending` either way, not by this.
+const QUEUED_PER_WORKER: usize = 64;
 
 /// Shared by the workers of one process.
 pub struct Collector {
@@ -83,24 +109,40 @@ impl Collector {
         })
     }
 
-    /// Runs `workers` workers until `shutdown` is cancelled. Each finishes the batch in hand
-    /// before it stops, so a graceful stop leaves nothing half-done.
+    /// Runs `workers` fetch workers and as many writers until `shutdown` is cancelled.
+    /// Fetch workers finish the batch in hand; writers then write and acknowledge
+    /// everything decoded, so a graceful stop leaves nothing half-done.
     pub async fn run(self: Arc<Self>, workers: usize, shutdown: CancellationToken) {
-        let tasks: Vec<_> = (0..workers)
+        let (tx, rx) = mpsc::channel::<DecodedBatch>(workers.max(1) * QUEUED_PER_WORKER);
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let mut tasks: Vec<JoinHandle<()>> = (0..workers)
             .map(|id| {
                 let me = self.clone();
                 let shutdown = shutdown.clone();
-                tokio::spawn(async move { me.worker(id, shutdown).await })
+                let tx = tx.clone();
+                tokio::spawn(async move { me.fetch(id, tx, shutdown).await })
             })
             .collect();
+        drop(tx);
+        tasks.extend((0..workers).map(|_| {
+            let me = self.clone();
+            let rx = rx.clone();
+            tokio::spawn(async move { me.write(rx).await })
+        }));
         for t in futures::future::join_all(tasks).await {
             if let Err(e) = t {
-                tracing::error!(error = %e, "collector worker panicked");
+                tracing::error!(error = %e, "collector task panicked");
             }
         }
     }
 
-    async fn worker(&self, id: usize, shutdown: CancellationToken) {
+    /// Stage 1: pull batches, decode them, start their publishes, hand them to a writer.
+    async fn fetch(
+        self: Arc<Self>,
+        id: usize,
+        tx: mpsc::Sender<DecodedBatch>,
+        shutdown: CancellationToken,
+    ) {
         tracing::debug!(worker = id, "collector worker started");
         while !shutdown.is_cancelled() {
             let mut messages = match self
@@ -122,12 +164,12 @@ impl Collector {
                     }
                 }
             };
-            let mut batch = Vec::with_capacity(self.batch_size);
             loop {
                 let first = tokio::select! {
                     _ = shutdown.cancelled() => break,
                     m = messages.next() => m,
                 };
+                let mut batch = Vec::with_capacity(self.batch_size);
                 match first {
                     Some(Ok(m)) => batch.push(m),
                     Some(Err(e)) => {
@@ -136,6 +178,7 @@ impl Collector {
                     }
                     None => break,
                 }
+                // Whatever is ready now; with a batch_wait, what arrives until then too.
                 let deadline = tokio::time::Instant::now() + self.batch_wait;
                 while batch.len() < self.batch_size {
                     match tokio::time::timeout_at(deadline, messages.next()).await {
@@ -144,21 +187,25 @@ impl Collector {
                         Ok(None) | Err(_) => break,
                     }
                 }
-                self.process(&mut batch).await;
-                batch.clear();
+                let decoded = self.decode(batch);
+                if tx.send(decoded).await.is_err() {
+                    // The writers are gone (a panic): nothing is acknowledged, all of it
+                    // comes back after the ack wait.
+                    tracing::error!(worker = id, "collector writers stopped");
+                    return;
+                }
             }
         }
         tracing::debug!(worker = id, "collector worker stopped");
     }
 
-    /// Decodes, stores and acknowledges one batch; on any failure negatively acknowledges
-    /// it instead, so it is redelivered.
-    async fn process(&self, batch: &mut [Message]) {
-        Stats::add(&self.stats.messages, batch.len() as u64);
-        let mut records = Vec::with_capacity(batch.len());
+    /// Decodes a batch and starts publishing its latest state and dead letters.
+    fn decode(self: &Arc<Self>, messages: Vec<Message>) -> DecodedBatch {
+        Stats::add(&self.stats.messages, messages.len() as u64);
+        let mut records = Vec::with_capacity(messages.len());
         let mut dead = Vec::new();
-        let mut decoded = Decoded::default();
-        for msg in batch.iter() {
+        let mut decoded = fleetpipe_proto::Decoded::default();
+        for msg in messages.iter() {
             let Ok(info) = msg.info() else {
                 // Not a JetStream delivery (no reply subject): nothing to ack, nothing to store.
                 continue;
@@ -188,10 +235,63 @@ impl Collector {
                 dead.push(self.dead_letter(msg, seq, received, &decoded.rejects));
             }
         }
+        let dead_letters = dead.len() as u64;
+        let state = self.state_updates(&records);
+        let me = self.clone();
+        let published = tokio::spawn(async move {
+            let (state_ok, dlq) =
+                tokio::join!(me.publish_state(state), futures::future::join_all(dead));
+            let ok = state_ok && dlq.iter().all(Result::is_ok);
+            if !ok {
+                Stats::add(&me.stats.nats_errors, 1);
+            }
+            ok
+        });
+        DecodedBatch {
+            messages,
+            records,
+            dead_letters,
+            published,
+        }
+    }
 
-        if !records.is_empty() {
+    /// Stage 2: write every decoded batch that is waiting in one transaction, then
+    /// acknowledge (or, on any failure, negatively acknowledge) each batch.
+    async fn write(self: Arc<Self>, rx: Arc<tokio::sync::Mutex<mpsc::Receiver<DecodedBatch>>>) {
+        // Group commit, bounded so one transaction stays a reasonable size.
+        let max_records = self.batch_size * 4;
+        loop {
+            let mut group = Vec::new();
+            {
+                let mut rx = rx.lock().await;
+                let Some(first) = rx.recv().await else { return };
+                let mut records = first.records.len();
+                group.push(first);
+                while records < max_records {
+                    match rx.try_recv() {
+                        Ok(more) => {
+                            records += more.records.len();
+                            group.push(more);
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+            self.commit(group).await;
+        }
+    }
+
+    async fn commit(&self, mut group: Vec<DecodedBatch>) {
+        let mut records = std::mem::take(&mut group[0].records);
+        for more in &mut group[1..] {
+            records.append(&mut more.records);
+        }
+        let records = &records;
+        let stored = if records.is_empty() {
+            true
+        } else {
             let started = std::time::Instant::now();
-            let written = self.store.write_readings(&records).await;
+            let written = self.store.write_readings(records).await;
             self.stats.store_write.observe(started.elapsed());
             match written {
                 Ok(new) => {
@@ -201,37 +301,40 @@ impl Collector {
                         records.len() as u64 - new.min(records.len() as u64),
                     );
                     Stats::add(&self.stats.batches, 1);
+                    true
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, messages = batch.len(), "store write failed; batch will be redelivered");
+                    tracing::warn!(error = %e, readings = records.len(), "store write failed; the messages will be redelivered");
                     Stats::add(&self.stats.store_errors, 1);
-                    return nak_all(batch).await;
+                    false
                 }
             }
-        }
-
-        let dead_count = dead.len() as u64;
-        let state = self.publish_state(&records);
-        let dlq = futures::future::join_all(dead);
-        let (state_ok, dlq_results) = tokio::join!(state, dlq);
-        let dlq_ok = dlq_results.iter().all(Result::is_ok);
-        if !state_ok || !dlq_ok {
-            Stats::add(&self.stats.nats_errors, 1);
-            return nak_all(batch).await;
-        }
-        Stats::add(&self.stats.dead_letters, dead_count);
-
-        let acks = futures::future::join_all(batch.iter().map(|m| m.ack())).await;
-        if acks.iter().any(Result::is_err) {
-            // The data is stored; an unacknowledged message is redelivered and deduplicated.
-            Stats::add(&self.stats.nats_errors, 1);
-            tracing::warn!("some acknowledgements failed; those messages will be redelivered");
+        };
+        for decoded in group {
+            let published = decoded.published.await.unwrap_or(false);
+            if !stored || !published {
+                if !published {
+                    // Forget what we thought was published so the redelivery republishes it.
+                    if let Ok(mut p) = self.published_state.lock() {
+                        p.clear();
+                    }
+                }
+                nak_all(&decoded.messages).await;
+                continue;
+            }
+            Stats::add(&self.stats.dead_letters, decoded.dead_letters);
+            let acks = futures::future::join_all(decoded.messages.iter().map(|m| m.ack())).await;
+            if acks.iter().any(Result::is_err) {
+                // The data is stored; an unacknowledged message is redelivered and deduplicated.
+                Stats::add(&self.stats.nats_errors, 1);
+                tracing::warn!("some acknowledgements failed; those messages will be redelivered");
+            }
         }
     }
 
-    /// Publishes the newest reading of each key in the batch to the state bucket, skipping
-    /// any older than what this process already published. True when all were stored.
-    async fn publish_state(&self, records: &[Record]) -> bool {
+    /// The newest reading of each key in `records`, leaving out any older than what this
+    /// process already published, as (subject, body) pairs for the state bucket.
+    fn state_updates(&self, records: &[Record]) -> Vec<(String, Bytes)> {
         let mut newest: HashMap<(&str, &str), &Record> = HashMap::new();
         for rec in records {
             let r = &rec.reading;
@@ -244,60 +347,72 @@ impl Collector {
                 })
                 .or_insert(rec);
         }
-        let to_publish: Vec<&Record> = {
-            let Ok(mut published) = self.published_state.lock() else {
-                return false;
-            };
-            newest
-                .into_values()
-                .filter(|rec| {
-                    let r = &rec.reading;
-                    let mut h = DefaultHasher::new();
-                    (r.device.as_str(), r.sensor.as_str()).hash(&mut h);
-                    let ts = r.ts.as_micros();
-                    match published.get_mut(&h.finish()) {
-                        Some(last) if *last > ts => false,
-                        Some(last) => {
-                            *last = ts;
-                            true
-                        }
-                        None => {
-                            published.insert(h.finish(), ts);
-                            true
-                        }
-                    }
-                })
-                .collect()
+        let Ok(mut published) = self.published_state.lock() else {
+            return Vec::new();
         };
-        let puts = to_publish.into_iter().map(|rec| {
-            let r = &rec.reading;
-            let subject = format!(
-                "$KV.{}.{}",
-                names::STATE_BUCKET,
-                state::key(&r.device, &r.sensor)
-            );
-            let body = serde_json::to_vec(&StateValue::from_reading(r)).unwrap_or_default();
-            let js = &self.js;
-            async move {
-                match js.publish(subject, Bytes::from(body)).await {
-                    Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
+        newest
+            .into_values()
+            .filter(|rec| {
+                let r = &rec.reading;
+                let mut h = DefaultHasher::new();
+                (r.device.as_str(), r.sensor.as_str()).hash(&mut h);
+                let ts = r.ts.as_micros();
+                match published.get_mut(&h.finish()) {
+                    Some(last) if *last > ts => false,
+                    Some(last) => {
+                        *last = ts;
+                        true
+                    }
+                    None => {
+                        published.insert(h.finish(), ts);
+                        true
+                    }
                 }
-            }
-        });
-        let results = futures::future::join_all(puts).await;
-        let failed = results.iter().filter(|r| r.is_err()).count();
-        if failed > 0 {
-            tracing::warn!(
-                failed,
-                "latest-state updates failed; batch will be redelivered"
-            );
-            // Forget what we thought was published so the redelivery republishes it.
-            if let Ok(mut published) = self.published_state.lock() {
-                published.clear();
+            })
+            .map(|rec| {
+                let r = &rec.reading;
+                let subject = format!(
+                    "$KV.{}.{}",
+                    names::STATE_BUCKET,
+                    state::key(&r.device, &r.sensor)
+                );
+                let body = serde_json::to_vec(&StateValue::from_reading(r)).unwrap_or_default();
+                (subject, Bytes::from(body))
+            })
+            .collect()
+    }
+
+    /// Puts `updates` into the state bucket. True when the broker stored them all.
+    ///
+    /// All but the last go out as plain publishes, without asking for an acknowledgement;
+    /// the last is a JetStream publish whose acknowledgement is awaited. They travel in
+    /// order on one connection and the bucket's stream stores them in that order, so the
+    /// last one's acknowledgement means the broker has processed the others: one round
+    /// trip per batch instead of one per key, and no acknowledgement messages for the
+    /// broker to send. A put the broker refuses alone (a message over its size limit)
+    /// cannot happen here: state values are a few hundred bytes.
+    async fn publish_state(&self, mut updates: Vec<(String, Bytes)>) -> bool {
+        let Some((fence_subject, fence_body)) = updates.pop() else {
+            return true;
+        };
+        let client = self.js.client();
+        for (subject, body) in updates {
+            if let Err(e) = client.publish(subject, body).await {
+                tracing::warn!(error = %e, "latest-state update failed; the batch will be redelivered");
+                return false;
             }
         }
-        failed == 0
+        let fenced = match self.js.publish(fence_subject, fence_body).await {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match fenced {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "latest-state update failed; the batch will be redelivered");
+                false
+            }
+        }
     }
 
     /// Publishes the original message to the dead-letter stream with the reasons in
