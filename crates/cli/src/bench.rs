@@ -115,7 +115,8 @@ pub async fn run(mut config: Config, store: Option<String>, a: BenchArgs) -> Res
     };
     let outcome = tokio::select! {
         r = bench.run(machine, baseline) => r,
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        // Ctrl-C or SIGTERM: stop the collector child and nats-server on the way out.
+        _ = crate::commands::shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
     };
     server.stop().await;
     drop(dir);

@@ -6,9 +6,12 @@
 //! state without waiting for a write in progress.
 //!
 //! Checkpoints (copying the WAL back into the database file) run on a thread of their own
-//! every [`CHECKPOINT_EVERY`], not inside a commit as SQLite's automatic checkpoint does: a
-//! commit never stalls behind one, and a page written many times between two checkpoints
-//! is copied once.
+//! every [`CHECKPOINT_EVERY`], not inside a commit as SQLite's automatic checkpoint does, so
+//! a commit rarely waits for one, and a page written many times between two checkpoints is
+//! copied once. The thread first copies without blocking anyone, then takes the writer for
+//! the few frames committed meanwhile: only a checkpoint that catches up with the last
+//! commit lets the next one start the WAL over, so without that step the WAL of a store
+//! that is never idle would grow without end.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -51,7 +54,7 @@ struct Inner {
     // SQLite serialises writers anyway (queueing them here is cheaper than letting them
     // spin on SQLITE_BUSY), and it is only ever locked on a blocking-pool thread, never
     // across an await.
-    writer: Mutex<Connection>,
+    writer: Arc<Mutex<Connection>>,
     /// `None` for an in-memory database, which other connections cannot see: reads then
     /// go through the writer.
     readers: Option<ReaderPool>,
@@ -66,7 +69,7 @@ struct Checkpointer {
 }
 
 impl Checkpointer {
-    fn start(path: &str) -> Result<Checkpointer> {
+    fn start(path: &str, writer: Arc<Mutex<Connection>>) -> Result<Checkpointer> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         let stop = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
@@ -82,9 +85,17 @@ impl Checkpointer {
                 loop {
                     let done = *stopped;
                     // PASSIVE: copies what no reader still needs, never blocks a writer.
-                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-                    {
-                        tracing::warn!(error = %e, "sqlite checkpoint failed; retrying");
+                    let passive = |c: &Connection| {
+                        if let Err(e) =
+                            c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                        {
+                            tracing::warn!(error = %e, "sqlite checkpoint failed; retrying");
+                        }
+                    };
+                    passive(&conn);
+                    // The rest, between two commits.
+                    if let Ok(w) = writer.lock() {
+                        passive(&w);
                     }
                     if done {
                         return;
@@ -189,11 +200,16 @@ impl Inner {
             conn.execute_batch(&format!(
                 "PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {WAL_SIZE_LIMIT};"
             ))?;
-            Some(Checkpointer::start(&path)?)
+            Some(())
+        };
+        let writer = Arc::new(Mutex::new(conn));
+        let checkpointer = match checkpointer {
+            Some(()) => Some(Checkpointer::start(&path, Arc::clone(&writer))?),
+            None => None,
         };
         Ok(Inner {
             _checkpointer: checkpointer,
-            writer: Mutex::new(conn),
+            writer,
             readers: (!in_memory).then(|| ReaderPool {
                 path,
                 idle: Mutex::new(Vec::new()),
@@ -263,6 +279,23 @@ fn open_reader(path: &str) -> Result<Connection> {
 }
 
 fn migrate(conn: &mut Connection) -> Result<()> {
+    // Up to date needs no lock: a process opening the store while collectors commit
+    // back to back would otherwise wait for the write lock, and could time out.
+    let has_table: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'schema_migrations')",
+        [],
+        |r| r.get(0),
+    )?;
+    if has_table {
+        let newest: Option<i64> =
+            conn.query_row("SELECT max(version) FROM schema_migrations", [], |r| {
+                r.get(0)
+            })?;
+        migrations::check_not_newer(newest, MIGRATIONS)?;
+        if newest == Some(i64::from(migrations::latest(MIGRATIONS))) {
+            return Ok(());
+        }
+    }
     for m in MIGRATIONS {
         // IMMEDIATE takes the write lock up front, so two processes opening the same new
         // file apply each migration once.
@@ -747,6 +780,42 @@ mod tests {
             std::thread::sleep(Duration::from_millis(50));
         }
         assert_eq!(store.count_readings().await.unwrap(), 5000);
+    }
+
+    #[tokio::test]
+    async fn the_wal_starts_over_while_writes_never_pause() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fleet.db");
+        let store = SqliteStore::open(path.to_str().unwrap()).await.unwrap();
+        let wal = dir.path().join("fleet.db-wal");
+        // Back-to-back commits, each touching 500 series (about 500 pages of WAL), for
+        // several checkpoint intervals.
+        let started = std::time::Instant::now();
+        let mut commits = 0u64;
+        while started.elapsed() < CHECKPOINT_EVERY * 6 {
+            let records: Vec<Record> = (0..500u64)
+                .map(|i| Record {
+                    seq: commits * 500 + i + 1,
+                    reading: fleetpipe_proto::Reading {
+                        device: format!("d{i}"),
+                        sensor: "speed".into(),
+                        value: i as f64,
+                        ts: Timestamp::from_micros(1_700_000_000_000_000 + commits as i64),
+                        unit: None,
+                        quality: None,
+                        tags: Vec::new(),
+                    },
+                })
+                .collect();
+            store.write_readings(&records).await.unwrap();
+            commits += 1;
+        }
+        let written = commits * 500 * 4096;
+        let size = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        assert!(
+            size < written / 2,
+            "the WAL holds {size} bytes after {commits} commits of about 2 MB: it never started over"
+        );
     }
 
     #[tokio::test]

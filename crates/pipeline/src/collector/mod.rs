@@ -32,7 +32,7 @@ use fleetpipe_proto::payload::decode_into;
 use fleetpipe_proto::{Limits, Reject, SubjectTemplate, Timestamp};
 use fleetpipe_store::{Record, Store};
 use futures::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -65,11 +65,20 @@ struct DecodedBatch {
     /// The latest-state and dead-letter publishes, started by the fetch worker: true when
     /// the broker stored them all.
     published: JoinHandle<bool>,
+    /// This batch's share of [`MAX_QUEUED_READINGS`], returned once it is written.
+    queued: Option<OwnedSemaphorePermit>,
 }
+
+/// Most decoded readings held in one process between the fetch workers and the writers
+/// (about 150 bytes each). A fetch worker waits for room before handing over a batch, so
+/// a store slower than the broker holds the fetch workers back and the backlog stays in
+/// JetStream: memory is flat however large the backlog and however many readings a
+/// message carries.
+const MAX_QUEUED_READINGS: usize = 200_000;
 
 /// Most decoded batches waiting for a writer, per fetch worker: enough that a fetch worker
 /// never waits out a commit's fsync (the latest state would wait with it). Memory is
-/// bounded by `collector.max_ack_pending` either way, not by this.
+/// bounded by [`MAX_QUEUED_READINGS`], not by this.
 const QUEUED_PER_WORKER: usize = 64;
 
 /// Shared by the workers of one process.
@@ -86,6 +95,8 @@ pub struct Collector {
     /// (a redelivery, or an earlier message in a later batch) never overwrites a newer state.
     /// A std mutex: held for a few hash-map operations per batch, never across an await.
     published_state: Mutex<HashMap<u64, i64>>,
+    /// Room for [`MAX_QUEUED_READINGS`].
+    queue_room: Arc<Semaphore>,
 }
 
 impl Collector {
@@ -106,6 +117,7 @@ impl Collector {
             batch_wait: config.collector.batch_wait,
             stats,
             published_state: Mutex::new(HashMap::new()),
+            queue_room: Arc::new(Semaphore::new(MAX_QUEUED_READINGS)),
         })
     }
 
@@ -187,7 +199,18 @@ impl Collector {
                         Ok(None) | Err(_) => break,
                     }
                 }
-                let decoded = self.decode(batch);
+                let mut decoded = self.decode(batch);
+                // Wait for room (the latest state is already on its way).
+                let wanted = decoded.records.len().clamp(1, MAX_QUEUED_READINGS);
+                let Ok(room) = self
+                    .queue_room
+                    .clone()
+                    .acquire_many_owned(u32::try_from(wanted).unwrap_or(u32::MAX))
+                    .await
+                else {
+                    return;
+                };
+                decoded.queued = Some(room);
                 if tx.send(decoded).await.is_err() {
                     // The writers are gone (a panic): nothing is acknowledged, all of it
                     // comes back after the ack wait.
@@ -252,14 +275,15 @@ impl Collector {
             records,
             dead_letters,
             published,
+            queued: None,
         }
     }
 
     /// Stage 2: write every decoded batch that is waiting in one transaction, then
     /// acknowledge (or, on any failure, negatively acknowledge) each batch.
     async fn write(self: Arc<Self>, rx: Arc<tokio::sync::Mutex<mpsc::Receiver<DecodedBatch>>>) {
-        // Group commit, bounded so one transaction stays a reasonable size.
-        let max_records = self.batch_size * 4;
+        // Group commit: everything waiting, which MAX_QUEUED_READINGS bounds.
+        let max_records = MAX_QUEUED_READINGS;
         loop {
             let mut group = Vec::new();
             {
