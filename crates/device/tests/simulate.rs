@@ -522,3 +522,47 @@ async fn line_protocol_messages_carry_several_ticks() {
     }
     assert_eq!(readings, summary.stats.readings);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_gate_holds_the_fleet_until_it_is_raised() {
+    let server = NatsServer::start();
+    let js = jetstream(&server).await;
+    create_stream(&js).await;
+    let gate = simulate::PublishGate::new(300);
+    let connections = 4;
+    let cfg = SimConfig {
+        devices: 200,
+        connections,
+        flat_out: true,
+        max_messages: Some(1_000),
+        gate: Some(gate.clone()),
+        ..SimConfig::new(server.url())
+    };
+    let sim = tokio::spawn(simulate::run(cfg, pending(), |_| {}));
+
+    // Flat out, the fleet reaches the limit at once and then stays there.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stored(&js).await < 300 {
+        assert!(
+            Instant::now() < deadline,
+            "the fleet never reached the gate"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = stored(&js).await;
+    assert!(
+        (300..=300 + connections as u64).contains(&held),
+        "{held} published with the gate at 300"
+    );
+    assert!(!sim.is_finished());
+
+    gate.raise_to(1_000);
+    let summary = tokio::time::timeout(Duration::from_secs(60), sim)
+        .await
+        .expect("the simulator finishes within 60 s once the gate is raised")
+        .expect("simulator task")
+        .expect("the simulator runs");
+    assert_eq!(summary.stats.published, 1_000);
+    assert_eq!(stored(&js).await, 1_000);
+}

@@ -18,9 +18,9 @@
 //! **Architecture invariant:** only this module acknowledges telemetry messages, and only
 //! after the durable write of everything they carry (rows, latest state, dead letters).
 
-use std::collections::hash_map::DefaultHasher;
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -95,6 +95,8 @@ pub struct Collector {
     /// (a redelivery, or an earlier message in a later batch) never overwrites a newer state.
     /// A std mutex: held for a few hash-map operations per batch, never across an await.
     published_state: Mutex<HashMap<u64, i64>>,
+    /// Randomly keyed, so a device cannot pick a name that collides with another's key.
+    state_keys: RandomState,
     /// Room for [`MAX_QUEUED_READINGS`].
     queue_room: Arc<Semaphore>,
 }
@@ -117,6 +119,7 @@ impl Collector {
             batch_wait: config.collector.batch_wait,
             stats,
             published_state: Mutex::new(HashMap::new()),
+            state_keys: RandomState::new(),
             queue_room: Arc::new(Semaphore::new(MAX_QUEUED_READINGS)),
         })
     }
@@ -378,17 +381,18 @@ impl Collector {
             .into_values()
             .filter(|rec| {
                 let r = &rec.reading;
-                let mut h = DefaultHasher::new();
-                (r.device.as_str(), r.sensor.as_str()).hash(&mut h);
+                let key = self
+                    .state_keys
+                    .hash_one((r.device.as_str(), r.sensor.as_str()));
                 let ts = r.ts.as_micros();
-                match published.get_mut(&h.finish()) {
+                match published.get_mut(&key) {
                     Some(last) if *last > ts => false,
                     Some(last) => {
                         *last = ts;
                         true
                     }
                     None => {
-                        published.insert(h.finish(), ts);
+                        published.insert(key, ts);
                         true
                     }
                 }
