@@ -50,8 +50,17 @@ fn bench_runs_end_to_end_and_loses_nothing() {
         "/latency/history_ms/p99",
         "/latency/history_ms/max",
         "/rss/peak_mb",
+        "/overload/messages_per_sec",
+        "/overload/backlog_peak",
     ] {
         assert!(num(pointer) >= 0.0, "{pointer} in {report:#}");
+    }
+    assert!(num("/overload/published_messages") > 0.0, "{report:#}");
+    // Closed loop: the publishers stay within 20,000 messages (and one per connection) of
+    // the consumer's acknowledgements, so the undelivered backlog never exceeds that.
+    for phase in ["ceiling", "pipeline"] {
+        let peak = num(&format!("/{phase}/backlog_peak"));
+        assert!(peak <= 20_000.0 + 4.0, "{phase} backlog {peak}: {report:#}");
     }
     let acc = |field: &str| num(&format!("/accounting/{field}"));
     assert!(acc("published_readings") > 0.0, "{report:#}");

@@ -21,6 +21,7 @@
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -418,12 +419,16 @@ impl Collector {
     /// last one's acknowledgement means the broker has processed the others: one round
     /// trip per batch instead of one per key, and no acknowledgement messages for the
     /// broker to send. A put the broker refuses alone (a message over its size limit)
-    /// cannot happen here: state values are a few hundred bytes.
+    /// cannot happen here: state values are a few hundred bytes. Puts written into a
+    /// connection that then broke are lost without an error, so a reconnect while the
+    /// batch is in flight counts as a failure: the batch is redelivered and republished.
     async fn publish_state(&self, mut updates: Vec<(String, Bytes)>) -> bool {
         let Some((fence_subject, fence_body)) = updates.pop() else {
             return true;
         };
         let client = self.js.client();
+        let connects = || client.statistics().connects.load(Ordering::Relaxed);
+        let connected = connects();
         for (subject, body) in updates {
             if let Err(e) = client.publish(subject, body).await {
                 tracing::warn!(error = %e, "latest-state update failed; the batch will be redelivered");
@@ -434,6 +439,13 @@ impl Collector {
             Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
+        let fenced = fenced.and_then(|()| {
+            if connects() == connected {
+                Ok(())
+            } else {
+                Err("the connection to NATS was re-established during the batch".into())
+            }
+        });
         match fenced {
             Ok(()) => true,
             Err(e) => {
