@@ -21,8 +21,9 @@
 //! phase measures the rate the consumer sustains, not how fast a queue grows (flat-out
 //! publishers would take broker time from the consumer, by an amount that varies from run
 //! to run). Rates are what the consumer acknowledged per second while the publishers ran
-//! (from the consumer's own counters, after a short warm-up). The targets of issue 4 are printed with the measured
-//! figures; missing one is not an error, losing or duplicating a reading is.
+//! (from the consumer's own counters, after a short warm-up). The targets of issue 4 are
+//! printed with the measured figures; missing one is not an error, losing or duplicating a
+//! reading is.
 
 use std::future::IntoFuture;
 use std::io::{IsTerminal, Write as _};
@@ -1582,10 +1583,14 @@ fn print_report(r: &Report) {
             cores(p.cpu_cores.other)
         );
     }
-    let other = [r.ceiling.cpu_cores.other, r.pipeline.cpu_cores.other]
-        .into_iter()
-        .flatten()
-        .fold(0.0, f64::max);
+    let other = [
+        r.ceiling.cpu_cores.other,
+        r.pipeline.cpu_cores.other,
+        r.overload.cpu_cores.other,
+    ]
+    .into_iter()
+    .flatten()
+    .fold(0.0, f64::max);
     if other > 0.2 {
         println!(
             "  note: other work kept {other:.2} cores busy during the run; the figures are low"

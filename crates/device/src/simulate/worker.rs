@@ -29,8 +29,8 @@ const FAIL_FAST_AFTER: u64 = 16;
 
 /// Longest schedule stretch: with an absurdly low rate cap a tick lasts at most ~28 h.
 const MAX_STRETCH: f64 = 1e6;
-/// How often a publisher held by a [`super::PublishGate`] looks at its limit again even
-/// without being woken.
+/// How often a publisher held by a [`super::PublishGate`] looks at its limit again without
+/// being woken (a safety net; raising the gate wakes it).
 const GATE_RECHECK: Duration = Duration::from_millis(50);
 
 /// Everything the workers share that does not change during a run.
@@ -373,13 +373,14 @@ impl Worker {
             if self.stopping() {
                 return Ok(Flow::Stop);
             }
+            // Created before the check, so a raise between the check and the wait still
+            // wakes it (`notify_waiters` reaches every `Notified` that exists).
             let raised = gate.raised.notified();
             if self.shared.counters.published.load(Ordering::Relaxed) < gate.limit() {
                 return Ok(Flow::Continue);
             }
             tokio::select! {
                 () = raised => {}
-                // A raise between the check and the wait is caught by the next check.
                 () = tokio::time::sleep(GATE_RECHECK) => {}
                 Some(result) = self.in_flight.next(), if !self.in_flight.is_empty() => {
                     self.record(result)?;
