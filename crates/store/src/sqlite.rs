@@ -37,6 +37,10 @@ const MAX_IDLE_READERS: usize = 4;
 /// How often the checkpointer thread copies the WAL into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
+/// Frames (pages) in the WAL from which the checkpointer finishes a checkpoint under the
+/// writer lock, so that the next commit starts the WAL over (16 MB of 4 KB pages).
+const WAL_RESET_FRAMES: i64 = 4096;
+
 /// After a checkpoint, a WAL file larger than this is truncated to it.
 const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 
@@ -85,17 +89,26 @@ impl Checkpointer {
                 loop {
                     let done = *stopped;
                     // PASSIVE: copies what no reader still needs, never blocks a writer.
+                    // Returns the frames in the WAL and how many of them are copied.
                     let passive = |c: &Connection| {
-                        if let Err(e) =
-                            c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-                        {
-                            tracing::warn!(error = %e, "sqlite checkpoint failed; retrying");
-                        }
+                        c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                        })
+                        .map_err(
+                            |e| tracing::warn!(error = %e, "sqlite checkpoint failed; retrying"),
+                        )
+                        .ok()
                     };
-                    passive(&conn);
-                    // The rest, between two commits.
-                    if let Ok(w) = writer.lock() {
-                        passive(&w);
+                    // The rest between two commits, once the WAL is large enough to be worth
+                    // the short wait it costs the writer.
+                    // (A passive checkpoint reports the frames as of its start, all copied
+                    // when no reader held it back: the commits made meanwhile do not show.)
+                    if let Some((frames, _copied)) = passive(&conn) {
+                        if frames >= WAL_RESET_FRAMES {
+                            if let Ok(w) = writer.lock() {
+                                passive(&w);
+                            }
+                        }
                     }
                     if done {
                         return;

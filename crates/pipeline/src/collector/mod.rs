@@ -77,11 +77,6 @@ struct DecodedBatch {
 /// message carries.
 const MAX_QUEUED_READINGS: usize = 200_000;
 
-/// Most decoded batches waiting for a writer, per fetch worker: enough that a fetch worker
-/// never waits out a commit's fsync (the latest state would wait with it). Memory is
-/// bounded by [`MAX_QUEUED_READINGS`], not by this.
-const QUEUED_PER_WORKER: usize = 64;
-
 /// Shared by the workers of one process.
 pub struct Collector {
     consumer: PullConsumer,
@@ -129,7 +124,10 @@ impl Collector {
     /// Fetch workers finish the batch in hand; writers then write and acknowledge
     /// everything decoded, so a graceful stop leaves nothing half-done.
     pub async fn run(self: Arc<Self>, workers: usize, shutdown: CancellationToken) {
-        let (tx, rx) = mpsc::channel::<DecodedBatch>(workers.max(1) * QUEUED_PER_WORKER);
+        // Unbounded in batches: `queue_room` bounds it in readings, which is what costs
+        // memory. A bound in batches would fill with small batches during one slow commit
+        // and hold the fetch workers, and the latest state with them.
+        let (tx, rx) = mpsc::unbounded_channel::<DecodedBatch>();
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
         let mut tasks: Vec<JoinHandle<()>> = (0..workers)
             .map(|id| {
@@ -156,7 +154,7 @@ impl Collector {
     async fn fetch(
         self: Arc<Self>,
         id: usize,
-        tx: mpsc::Sender<DecodedBatch>,
+        tx: mpsc::UnboundedSender<DecodedBatch>,
         shutdown: CancellationToken,
     ) {
         tracing::debug!(worker = id, "collector worker started");
@@ -215,7 +213,7 @@ impl Collector {
                     return;
                 };
                 decoded.queued = Some(room);
-                if tx.send(decoded).await.is_err() {
+                if tx.send(decoded).is_err() {
                     // The writers are gone (a panic): nothing is acknowledged, all of it
                     // comes back after the ack wait.
                     tracing::error!(worker = id, "collector writers stopped");
@@ -285,7 +283,10 @@ impl Collector {
 
     /// Stage 2: write every decoded batch that is waiting in one transaction, then
     /// acknowledge (or, on any failure, negatively acknowledge) each batch.
-    async fn write(self: Arc<Self>, rx: Arc<tokio::sync::Mutex<mpsc::Receiver<DecodedBatch>>>) {
+    async fn write(
+        self: Arc<Self>,
+        rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<DecodedBatch>>>,
+    ) {
         // Group commit: everything waiting, which MAX_QUEUED_READINGS bounds.
         let max_records = MAX_QUEUED_READINGS;
         loop {
