@@ -8,10 +8,10 @@
 //! Checkpoints (copying the WAL back into the database file) run on a thread of their own
 //! every [`CHECKPOINT_EVERY`], not inside a commit as SQLite's automatic checkpoint does, so
 //! a commit rarely waits for one, and a page written many times between two checkpoints is
-//! copied once. The thread first copies without blocking anyone, then takes the writer for
-//! the few frames committed meanwhile: only a checkpoint that catches up with the last
-//! commit lets the next one start the WAL over, so without that step the WAL of a store
-//! that is never idle would grow without end.
+//! copied once. The thread first copies without blocking anyone, then, once the WAL holds
+//! [`WAL_RESET_FRAMES`], takes the writer for the few frames committed meanwhile: only a
+//! checkpoint that catches up with the last commit lets the next one start the WAL over, so
+//! without that step the WAL of a store that is never idle would grow without end.
 
 use std::collections::HashMap;
 use std::path::Path;
