@@ -36,6 +36,7 @@ use anyhow::{bail, Context as _, Result};
 use async_nats::jetstream::{self, consumer, consumer::PullConsumer, kv};
 use fleetpipe_device::simulate::{self, PayloadForm, PublishGate, SimConfig, SimStats, SimSummary};
 use fleetpipe_pipeline::broker;
+use fleetpipe_pipeline::collector::BatchPuller;
 use fleetpipe_pipeline::config::names;
 use fleetpipe_pipeline::nats_server::{self, ManagedNats};
 use fleetpipe_pipeline::state::{self, StateValue};
@@ -310,19 +311,15 @@ impl Bench {
         Ok(sim)
     }
 
-    /// Phase 1: flat-out publishers into a consumer that acks and discards.
+    /// Phase 1: closed-loop publishers into a consumer that acks and discards, configured as
+    /// the collectors' one.
     async fn ceiling(&self, telemetry: &jetstream::stream::Stream) -> Result<PhaseRun> {
         let c = &self.config.collector;
         let mut consumer: PullConsumer = telemetry
             .create_consumer(consumer::pull::Config {
                 durable_name: Some(CEILING_CONSUMER.into()),
                 description: Some("fleetpipe bench: ack and discard".into()),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: c.ack_wait,
-                max_deliver: -1,
-                max_ack_pending: c.max_ack_pending,
-                deliver_policy: consumer::DeliverPolicy::All,
-                ..Default::default()
+                ..broker::consumer_config(&self.config)
             })
             .await
             .context("cannot create the ceiling consumer")?;
@@ -709,46 +706,9 @@ async fn ack_and_discard(
     batch_wait: Duration,
     stop: CancellationToken,
 ) {
-    while !stop.is_cancelled() {
-        let mut messages = match consumer
-            .stream()
-            .max_messages_per_batch(batch_size)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await
-        {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "ceiling consumer cannot pull; retrying");
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                }
-            }
-        };
-        let mut batch = Vec::with_capacity(batch_size);
-        loop {
-            let first = tokio::select! {
-                _ = stop.cancelled() => break,
-                m = messages.next() => m,
-            };
-            match first {
-                Some(Ok(m)) => batch.push(m),
-                Some(Err(_)) => continue,
-                None => break,
-            }
-            let deadline = Instant::now() + batch_wait;
-            while batch.len() < batch_size {
-                match tokio::time::timeout_at(deadline, messages.next()).await {
-                    Ok(Some(Ok(m))) => batch.push(m),
-                    Ok(Some(Err(_))) => {}
-                    Ok(None) | Err(_) => break,
-                }
-            }
-            futures::future::join_all(batch.iter().map(|m| m.ack())).await;
-            batch.clear();
-        }
+    let mut puller = BatchPuller::new(consumer, batch_size, batch_wait, Arc::default());
+    while let Some(batch) = puller.next(&stop).await {
+        futures::future::join_all(batch.iter().map(|m| m.ack())).await;
     }
 }
 

@@ -77,7 +77,8 @@ fn telemetry_config(config: &Config) -> Result<stream::Config> {
     })
 }
 
-fn consumer_config(config: &Config) -> consumer::pull::Config {
+/// The collectors' durable pull consumer as `ensure` creates it.
+pub fn consumer_config(config: &Config) -> consumer::pull::Config {
     let c = &config.collector;
     consumer::pull::Config {
         durable_name: Some(c.durable.clone()),

@@ -32,10 +32,13 @@ use bytes::Bytes;
 use fleetpipe_proto::payload::decode_into;
 use fleetpipe_proto::{Limits, Reject, SubjectTemplate, Timestamp};
 use fleetpipe_store::{Record, Store};
-use futures::StreamExt;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+mod pull;
+
+pub use pull::BatchPuller;
 
 use crate::config::{names, Config};
 use crate::state::{self, StateValue};
@@ -158,67 +161,30 @@ impl Collector {
         shutdown: CancellationToken,
     ) {
         tracing::debug!(worker = id, "collector worker started");
-        while !shutdown.is_cancelled() {
-            let mut messages = match self
-                .consumer
-                .stream()
-                .max_messages_per_batch(self.batch_size)
-                .heartbeat(Duration::from_secs(5))
-                .expires(Duration::from_secs(30))
-                .messages()
+        let mut puller = BatchPuller::new(
+            self.consumer.clone(),
+            self.batch_size,
+            self.batch_wait,
+            self.stats.clone(),
+        );
+        while let Some(batch) = puller.next(&shutdown).await {
+            let mut decoded = self.decode(batch);
+            // Wait for room (the latest state is already on its way).
+            let wanted = decoded.records.len().clamp(1, MAX_QUEUED_READINGS);
+            let Ok(room) = self
+                .queue_room
+                .clone()
+                .acquire_many_owned(u32::try_from(wanted).unwrap_or(u32::MAX))
                 .await
-            {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(worker = id, error = %e, "cannot pull from the telemetry stream; retrying");
-                    Stats::add(&self.stats.nats_errors, 1);
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(RETRY_DELAY) => continue,
-                    }
-                }
+            else {
+                return;
             };
-            loop {
-                let first = tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    m = messages.next() => m,
-                };
-                let mut batch = Vec::with_capacity(self.batch_size);
-                match first {
-                    Some(Ok(m)) => batch.push(m),
-                    Some(Err(e)) => {
-                        tracing::debug!(worker = id, error = %e, "pull stream error");
-                        continue;
-                    }
-                    None => break,
-                }
-                // Whatever is ready now; with a batch_wait, what arrives until then too.
-                let deadline = tokio::time::Instant::now() + self.batch_wait;
-                while batch.len() < self.batch_size {
-                    match tokio::time::timeout_at(deadline, messages.next()).await {
-                        Ok(Some(Ok(m))) => batch.push(m),
-                        Ok(Some(Err(e))) => tracing::debug!(error = %e, "pull stream error"),
-                        Ok(None) | Err(_) => break,
-                    }
-                }
-                let mut decoded = self.decode(batch);
-                // Wait for room (the latest state is already on its way).
-                let wanted = decoded.records.len().clamp(1, MAX_QUEUED_READINGS);
-                let Ok(room) = self
-                    .queue_room
-                    .clone()
-                    .acquire_many_owned(u32::try_from(wanted).unwrap_or(u32::MAX))
-                    .await
-                else {
-                    return;
-                };
-                decoded.queued = Some(room);
-                if tx.send(decoded).is_err() {
-                    // The writers are gone (a panic): nothing is acknowledged, all of it
-                    // comes back after the ack wait.
-                    tracing::error!(worker = id, "collector writers stopped");
-                    return;
-                }
+            decoded.queued = Some(room);
+            if tx.send(decoded).is_err() {
+                // The writers are gone (a panic): nothing is acknowledged, all of it
+                // comes back after the ack wait.
+                tracing::error!(worker = id, "collector writers stopped");
+                return;
             }
         }
         tracing::debug!(worker = id, "collector worker stopped");
@@ -287,8 +253,6 @@ impl Collector {
         self: Arc<Self>,
         rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<DecodedBatch>>>,
     ) {
-        // Group commit: everything waiting, which MAX_QUEUED_READINGS bounds.
-        let max_records = MAX_QUEUED_READINGS;
         loop {
             let mut group = Vec::new();
             {
@@ -296,7 +260,8 @@ impl Collector {
                 let Some(first) = rx.recv().await else { return };
                 let mut records = first.records.len();
                 group.push(first);
-                while records < max_records {
+                // Group commit: everything waiting, which MAX_QUEUED_READINGS bounds.
+                while records < MAX_QUEUED_READINGS {
                     match rx.try_recv() {
                         Ok(more) => {
                             records += more.records.len();
