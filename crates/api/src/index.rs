@@ -5,10 +5,14 @@
 //! Devices are kept in a `BTreeMap` by id, so a prefix filter is a range scan and listing
 //! by id needs no sort. Sensor names are interned to small integers, so the fleet summary
 //! is one pass over plain arrays (100k devices in a few milliseconds).
+//!
+//! Passes over every device (listing, summary) take the lock for [`SCAN_CHUNK`] devices at
+//! a time and sort outside it, so the watch's updates never wait long behind a request;
+//! see [`Index`] for why that matters.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
@@ -98,13 +102,38 @@ pub struct Summary {
     pub sensors: BTreeMap<String, SensorStats>,
 }
 
+/// Devices a pass over the index reads per acquisition of the read lock: a few tens of
+/// microseconds of work, the longest the watch's next update can wait for a request.
+pub const SCAN_CHUNK: usize = 1024;
+
+/// Devices whose full views (every sensor, cloned) a listing builds per acquisition of the
+/// read lock.
+const VIEW_CHUNK: usize = 256;
+
 /// The latest state of every device, shared by the watch task (the only writer) and the
 /// request handlers.
 pub struct Index {
-    /// A std `RwLock`: every critical section is a few map operations or one pass over the
-    /// devices, never across an await; readers (requests) run in parallel, and the one
-    /// writer (the watch) holds it for a single update at a time.
+    /// A std `RwLock`, never held across an await; readers (requests) run in parallel, and
+    /// the one writer (the watch) holds it for a single update at a time.
+    ///
+    /// No reader holds it for long either, and not only for the watch's sake: std's lock
+    /// (futex-based on Linux) is write-preferring, so once the watch waits for the write
+    /// lock, every new reader queues behind it. A read pass over 100k devices holding the
+    /// lock throughout would stall the watch (and the live stream it feeds) for the whole
+    /// pass, and with it every request that reads the index, each blocking an async worker
+    /// thread meanwhile. Hence passes over every device go by chunks of [`SCAN_CHUNK`]
+    /// (`scan`), sort what they copied out after releasing the lock, and run on the
+    /// blocking pool (`Limits::index_pass`); what requests do on async threads under the
+    /// lock is a lookup or two.
+    ///
+    /// Releasing the lock between chunks is not enough by itself: the unlock wakes the
+    /// waiting writer, but a reader that locks again at once gets in before the writer has
+    /// woken up, chunk after chunk (a test showed the watch waiting for the whole pass). So
+    /// the writer announces itself in `writers`, and a pass steps aside between two chunks
+    /// until it has had its turn.
     inner: RwLock<Inner>,
+    /// Writers waiting for the lock (the watch: 0 or 1).
+    writers: AtomicUsize,
     live: broadcast::Sender<LiveEvent>,
     /// Set once the watch has replayed every key the bucket held when it started.
     ready: AtomicBool,
@@ -112,7 +141,8 @@ pub struct Index {
 
 #[derive(Default)]
 struct Inner {
-    devices: BTreeMap<String, DeviceEntry>,
+    /// By id; `Arc<str>` so that a listing copies its matches out of the lock cheaply.
+    devices: BTreeMap<Arc<str>, DeviceEntry>,
     /// Interned sensor names: id → name and name → id. Only grows; bounded by the number
     /// of distinct sensor names, which is small.
     sensor_names: Vec<String>,
@@ -160,6 +190,7 @@ impl Index {
             inner: RwLock::default(),
             live,
             ready: AtomicBool::new(false),
+            writers: AtomicUsize::new(0),
         }
     }
 
@@ -170,7 +201,18 @@ impl Index {
     }
 
     fn write(&self) -> RwLockWriteGuard<'_, Inner> {
-        self.inner.write().unwrap_or_else(PoisonError::into_inner)
+        self.writers.fetch_add(1, Ordering::SeqCst);
+        let g = self.inner.write().unwrap_or_else(PoisonError::into_inner);
+        self.writers.fetch_sub(1, Ordering::SeqCst);
+        g
+    }
+
+    /// Between two chunks of a pass: lets a waiting writer take the lock first. It waits
+    /// for nothing slower than the chunk some other pass may be reading.
+    fn step_aside(&self) {
+        while self.writers.load(Ordering::SeqCst) > 0 {
+            std::thread::yield_now();
+        }
     }
 
     /// True once the index holds everything the bucket held when the watch started.
@@ -232,7 +274,7 @@ impl Index {
             let mut g = self.write();
             let id = g.intern(sensor);
             if !g.devices.contains_key(device) {
-                g.devices.insert(device.to_string(), DeviceEntry::default());
+                g.devices.insert(device.into(), DeviceEntry::default());
             }
             let mut added = false;
             if let Some(d) = g.devices.get_mut(device) {
@@ -293,36 +335,81 @@ impl Index {
         g.devices.get(id).map(|d| g.view(id, d, online))
     }
 
-    /// A page of devices and how many match in all.
+    /// Calls `visit` for every device whose id starts with `prefix`, in id order, holding
+    /// the read lock for at most [`SCAN_CHUNK`] devices at a time. Not one atomic view: an
+    /// update between two chunks shows in the later ones only, as it would had the pass
+    /// run a moment earlier or later; each device is seen whole.
+    fn scan(&self, prefix: &str, mut visit: impl FnMut(&Arc<str>, &DeviceEntry)) {
+        let mut after: Option<Arc<str>> = None;
+        loop {
+            let g = self.read();
+            let lower = match &after {
+                Some(id) => Bound::Excluded(&**id),
+                None => Bound::Included(prefix),
+            };
+            let mut seen = 0;
+            let mut last = None;
+            for (id, d) in g
+                .devices
+                .range::<str, _>((lower, Bound::Unbounded))
+                .take_while(|(id, _)| id.starts_with(prefix))
+                .take(SCAN_CHUNK)
+            {
+                visit(id, d);
+                seen += 1;
+                last = Some(id);
+            }
+            if seen < SCAN_CHUNK {
+                return;
+            }
+            after = last.cloned();
+            drop(g);
+            self.step_aside();
+        }
+    }
+
+    /// A page of devices and how many match in all. Walks every device with the prefix:
+    /// call it off the async threads for large fleets.
     pub fn list(&self, q: &ListQuery, online: Online) -> (u64, Vec<Device>) {
-        let g = self.read();
-        let prefix = q.prefix.as_str();
-        let mut matches: Vec<(&String, &DeviceEntry)> = g
-            .devices
-            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
-            .take_while(|(id, _)| id.starts_with(prefix))
-            .filter(|(_, d)| {
-                q.tags.iter().all(|(k, v)| d.tags.get(k) == Some(v))
-                    && q.online.is_none_or(|want| online.is(d.last_seen) == want)
-            })
-            .collect();
+        // Copied out by chunks of the lock (an id is an `Arc`), filtered as they go by.
+        let mut matches: Vec<(i64, Arc<str>)> = Vec::new();
+        self.scan(&q.prefix, |id, d| {
+            if q.tags.iter().all(|(k, v)| d.tags.get(k) == Some(v))
+                && q.online.is_none_or(|want| online.is(d.last_seen) == want)
+            {
+                matches.push((d.last_seen, Arc::clone(id)));
+            }
+        });
+        // Sorted with no lock held. By last_seen, ties by id, so pages are stable; by id
+        // they are in order already.
         if q.sort == SortKey::LastSeen {
-            // Ties by id, so pages are stable.
-            matches.sort_unstable_by(|a, b| a.1.last_seen.cmp(&b.1.last_seen).then(a.0.cmp(b.0)));
+            matches.sort_unstable();
         }
         if q.descending {
             matches.reverse();
         }
-        let items = matches
-            .iter()
+        let total = matches.len() as u64;
+        let page: Vec<Arc<str>> = matches
+            .into_iter()
             .skip(q.offset)
             .take(q.limit)
-            .map(|(id, d)| g.view(id, d, online))
+            .map(|(_, id)| id)
             .collect();
-        (matches.len() as u64, items)
+        let mut items = Vec::with_capacity(page.len());
+        for chunk in page.chunks(VIEW_CHUNK) {
+            let g = self.read();
+            // A device deleted since the scan is left out of the page.
+            items.extend(
+                chunk
+                    .iter()
+                    .filter_map(|id| g.devices.get(&**id).map(|d| g.view(id, d, online))),
+            );
+        }
+        (total, items)
     }
 
-    /// Device counts and per-sensor min/avg/max over the latest values.
+    /// Device counts and per-sensor min/avg/max over the latest values. One pass over
+    /// every device: call it off the async threads for large fleets.
     pub fn summary(&self, online: Online) -> Summary {
         #[derive(Clone)]
         struct Acc {
@@ -331,30 +418,33 @@ impl Index {
             min: f64,
             max: f64,
         }
-        let g = self.read();
-        let mut acc = vec![
-            Acc {
-                count: 0,
-                sum: 0.0,
-                min: f64::INFINITY,
-                max: f64::NEG_INFINITY,
-            };
-            g.sensor_names.len()
-        ];
-        let mut online_count = 0u64;
-        for d in g.devices.values() {
+        const EMPTY: Acc = Acc {
+            count: 0,
+            sum: 0.0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+        };
+        // By sensor id; sensor ids only grow, so they stay valid across chunks.
+        let mut acc: Vec<Acc> = Vec::new();
+        let (mut devices, mut online_count) = (0u64, 0u64);
+        self.scan("", |_, d| {
+            devices += 1;
             if online.is(d.last_seen) {
                 online_count += 1;
             }
             for s in &d.sensors {
-                if let Some(a) = acc.get_mut(s.id as usize) {
-                    a.count += 1;
-                    a.sum += s.value;
-                    a.min = a.min.min(s.value);
-                    a.max = a.max.max(s.value);
+                let i = s.id as usize;
+                if i >= acc.len() {
+                    acc.resize(i + 1, EMPTY);
                 }
+                let a = &mut acc[i];
+                a.count += 1;
+                a.sum += s.value;
+                a.min = a.min.min(s.value);
+                a.max = a.max.max(s.value);
             }
-        }
+        });
+        let g = self.read();
         let sensors = g
             .sensor_names
             .iter()
@@ -371,7 +461,7 @@ impl Index {
             })
             .collect();
         Summary {
-            devices: g.devices.len() as u64,
+            devices,
             online: online_count,
             sensors,
         }
@@ -512,6 +602,7 @@ mod tests {
             unit: Some("km/h".into()),
             quality: None,
             tags: BTreeMap::new(),
+            seq: 0,
         }
     }
 
@@ -651,6 +742,65 @@ mod tests {
         let state: LiveState = serde_json::from_str(&e.json).unwrap();
         assert_eq!(state.value, 2.0);
         assert_eq!(state.unit.as_deref(), Some("km/h"));
+    }
+
+    #[test]
+    fn passes_cross_chunk_boundaries() {
+        let index = Index::new();
+        let n = 3 * SCAN_CHUNK as i64 + 7;
+        for i in 0..n {
+            index.apply_put(&format!("d{i:05}"), "speed", value(i as f64, NOW - i));
+        }
+        index.apply_put("e0", "soc", value(1.0, NOW));
+        let (total, items) = index.list(
+            &ListQuery {
+                prefix: "d".into(),
+                sort: SortKey::LastSeen,
+                descending: true,
+                offset: SCAN_CHUNK - 2,
+                limit: 4,
+                ..query()
+            },
+            online(),
+        );
+        assert_eq!(total, n as u64);
+        let ids: Vec<String> = items.into_iter().map(|d| d.id).collect();
+        let want: Vec<String> = (SCAN_CHUNK - 2..SCAN_CHUNK + 2)
+            .map(|i| format!("d{i:05}"))
+            .collect();
+        assert_eq!(ids, want);
+        let s = index.summary(online());
+        assert_eq!(s.devices, n as u64 + 1);
+        assert_eq!(s.sensors["speed"].count, n as u64);
+        assert_eq!(s.sensors["soc"].count, 1);
+    }
+
+    /// An update that arrives during a pass is applied at the next chunk boundary, not
+    /// after the pass: the watch is not held behind a long read.
+    #[test]
+    fn updates_go_through_during_a_pass() {
+        let index = Arc::new(Index::new());
+        for i in 0..(3 * SCAN_CHUNK) {
+            index.apply_put(&format!("d{i:05}"), "speed", value(1.0, NOW));
+        }
+        let mut writer = None;
+        let mut visited_new = false;
+        index.scan("", |id, _| {
+            if writer.is_none() {
+                let (started, wait) = std::sync::mpsc::channel();
+                let index = index.clone();
+                writer = Some(std::thread::spawn(move || {
+                    started.send(()).unwrap();
+                    index.apply_put("zzz", "speed", value(2.0, NOW));
+                }));
+                wait.recv().unwrap();
+                // Long enough for the writer to be waiting for the lock this chunk holds.
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            visited_new |= &**id == "zzz";
+        });
+        writer.unwrap().join().unwrap();
+        assert!(visited_new, "the update waited for the whole pass");
     }
 
     /// The summary over 100k devices with 5 sensors each. The time is printed, not

@@ -5,12 +5,14 @@
 //! * [`routes`] — the handlers, built into one router by [`router`];
 //! * [`openapi`] — the OpenAPI document, generated from the handlers and [`model`];
 //! * [`metrics`] and [`broker_gauges`] — `/metrics`;
+//! * [`limits`] — what bounds the work of a request: time, store queries in flight, rows;
 //! * [`start`] — everything `fleetpipe serve` and `fleetpipe up` run: the watch, the broker
 //!   poller and the server, stopped together.
 //!
 //! **Invariants:** the API only reads: it never writes to the store or the broker. No
 //! input makes a handler fail with a 5xx: bad parameters are 400, unknown things 404; a 5xx
-//! means the store or the broker failed.
+//! means the store or the broker failed, or the server is overloaded (a 503 with
+//! `Retry-After`). Every request but the live stream is bounded in time and in rows read.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 pub mod broker_gauges;
 pub mod error;
 pub mod index;
+pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod openapi;
@@ -37,6 +40,7 @@ pub mod routes;
 pub use broker_gauges::BrokerGauges;
 pub use error::ApiError;
 pub use index::Index;
+pub use limits::Limits;
 
 /// What the handlers share. Cheap to clone: handles and `Arc`s.
 #[derive(Clone)]
@@ -55,6 +59,8 @@ pub struct AppState {
     pub tile_url: Arc<str>,
     /// Cancelled at shutdown: ends live streams so the server can stop.
     pub shutdown: CancellationToken,
+    /// Request timeout, store queries in flight, rows per request.
+    pub limits: Limits,
 }
 
 impl AppState {
@@ -69,18 +75,38 @@ impl AppState {
             online_window: fleetpipe_pipeline::config::ApiConfig::default().online_window,
             tile_url: "".into(),
             shutdown: CancellationToken::new(),
+            limits: Limits::default(),
         }
     }
 
     fn online(&self) -> index::Online {
         index::Online::new(Timestamp::now(), self.online_window)
     }
+
+    /// Runs a pass over the whole index off the async threads; see [`Limits::index_pass`].
+    async fn index_pass<T, F>(&self, pass: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Index, index::Online) -> T + Send + 'static,
+    {
+        self.limits
+            .index_pass(self.index.clone(), self.online(), pass)
+            .await
+    }
 }
 
-/// The router of every route in [`routes::table`], with JSON 404 and 405 fallbacks.
+/// The router of every route in [`routes::table`], with JSON 404 and 405 fallbacks. Every
+/// route but the long-lived ones ([`routes::LONG_LIVED`]) answers within
+/// `state.limits.request_timeout` ([`limits::deadline`]).
 pub fn router(state: AppState) -> Router {
+    let deadline = axum::middleware::from_fn_with_state(state.limits.clone(), limits::deadline);
     let mut router = Router::new();
     for (path, handlers) in routes::table() {
+        let handlers = if routes::LONG_LIVED.contains(&path) {
+            handlers
+        } else {
+            handlers.layer(deadline.clone())
+        };
         router = router.route(path, handlers);
     }
     router
@@ -161,6 +187,7 @@ pub async fn start(
         online_window: config.api.online_window,
         tile_url: config.api.tile_url.as_str().into(),
         shutdown: stop.clone(),
+        limits: Limits::from_config(&config.api),
         ..AppState::new(index, store, stats)
     };
     let server = tokio::spawn(serve(listener, state));
@@ -170,6 +197,29 @@ pub async fn start(
         server,
         background,
     })
+}
+
+/// Opens the API's own handle on the store `url` names, for a process that also writes to
+/// it (`fleetpipe up`), so that the API's reads neither wait for the writers' connections nor
+/// hold them:
+/// * PostgreSQL: a pool of its own, of `api.max_concurrent_queries` connections (every
+///   query the limit admits has one) plus one for the readiness probe;
+/// * SQLite: a second handle on the same file. Its reads use reader connections of its own
+///   (as any handle's do); its writer connection stays idle, the API never writing; the
+///   migrations are already applied by the first handle, so opening only reads their
+///   version; its checkpointer's passive checkpoints never block a writer (one meeting
+///   another checkpoint's lock simply skips its turn).
+pub async fn open_store(
+    url: &str,
+    api: &fleetpipe_pipeline::config::ApiConfig,
+) -> Result<Arc<dyn Store>, fleetpipe_store::StoreError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let pool_size = api.max_concurrent_queries.saturating_add(1);
+        let store = fleetpipe_store::postgres::PgStore::connect_with(url, pool_size).await?;
+        Ok(Arc::new(store))
+    } else {
+        fleetpipe_store::open(url).await
+    }
 }
 
 impl RunningApi {

@@ -12,7 +12,10 @@ use crate::routes::{assets, devices, fleet, live, ops};
         description = "Query API of fleetpipe: devices and their latest state, sensor history \
             (raw or per-minute rollups, chosen by the server), a fleet summary, a live stream of \
             state changes, metrics and probes. Errors are JSON `{\"error\": \"...\"}`: 400 for bad \
-            parameters (unknown, repeated or invalid ones), 404 for unknown devices and routes.",
+            parameters (unknown, repeated or invalid ones), 404 for unknown devices and routes. \
+            No input yields a 5xx: a 503 means the store is down or slow or the server is busy \
+            (too many store queries in flight, or no answer within `api.request_timeout`, 10 s \
+            by default; the live stream is exempt), and carries `Retry-After` (seconds).",
         license(name = "Apache-2.0")
     ),
     paths(
@@ -29,7 +32,10 @@ use crate::routes::{assets, devices, fleet, live, ops};
         assets::index,
         assets::asset,
     ),
-    components(schemas(crate::model::LiveLagged)),
+    components(
+        schemas(crate::model::LiveLagged),
+        responses(crate::error::UnavailableResponse)
+    ),
     tags(
         (name = "devices", description = "Devices, their latest state and history."),
         (name = "fleet", description = "Fleet-wide figures."),

@@ -10,11 +10,13 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
-use fleetpipe_api::{router, AppState, Index};
+use fleetpipe_api::{router, AppState, Index, Limits};
 use fleetpipe_pipeline::state::StateValue;
 use fleetpipe_pipeline::Stats;
 use fleetpipe_proto::{Reading, Timestamp};
-use fleetpipe_store::{Point, Range, Record, Rollup, Snapshot, Store, StoreError};
+use fleetpipe_store::{
+    Point, Range, Record, Rollup, SeriesInfo, SeriesKey, Snapshot, Store, StoreError,
+};
 use futures::StreamExt;
 use serde_json::Value;
 use tower::ServiceExt;
@@ -72,7 +74,7 @@ impl Fixture {
                     ts: Timestamp::from_micros(ts),
                     unit: Some("km/h".into()),
                     quality: None,
-                    tags: Vec::new(),
+                    tags: Default::default(),
                 },
             });
         };
@@ -116,6 +118,7 @@ fn state(value: f64, ts: i64, unit: Option<&str>, tags: &[(&str, &str)]) -> Stat
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        seq: 0,
     }
 }
 
@@ -391,12 +394,14 @@ async fn series_raw_and_rollups() {
     assert_eq!(body["from"], from.as_str());
     assert_eq!(body["to"], to.as_str());
     assert_eq!(body["points"].as_array().unwrap().len(), 60);
+    // A month before now, with an offset instead of `Z`.
+    let month_ago = Timestamp::from_micros(f.now - 30 * 24 * HOUR).to_rfc3339();
+    let month_ago = month_ago.trim_end_matches('Z');
     for offset in ["%2B00:00", "+00:00"] {
-        let uri = format!(
-            "/api/v1/devices/v00001/series?sensor=speed&from=2026-02-15T10:00:00{offset}&to=now"
-        );
+        let uri =
+            format!("/api/v1/devices/v00001/series?sensor=speed&from={month_ago}{offset}&to=now");
         let (status, body) = get_json(&app, &uri).await;
-        // Months before now: a long range, so rollups.
+        // A long range, so rollups.
         assert_eq!(status, StatusCode::OK, "{uri}: {body}");
         assert_eq!(body["source"], "rollup_1m");
     }
@@ -946,6 +951,20 @@ impl Store for DownStore {
     async fn rollups(&self, _: &str, _: &str, _: Range) -> Result<Vec<Rollup>, StoreError> {
         Err(down())
     }
+    async fn series(&self, _: &str, _: Option<&str>) -> Result<Vec<SeriesInfo>, StoreError> {
+        Err(down())
+    }
+    async fn series_history(
+        &self,
+        _: &SeriesKey<'_>,
+        _: Range,
+        _: usize,
+    ) -> Result<Vec<Point>, StoreError> {
+        Err(down())
+    }
+    async fn series_rollups(&self, _: &SeriesKey<'_>, _: Range) -> Result<Vec<Rollup>, StoreError> {
+        Err(down())
+    }
     async fn snapshots(
         &self,
         _: Option<&str>,
@@ -1263,4 +1282,419 @@ mod fuzz {
             .unwrap()
             .unwrap();
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// limits: request timeout, store queries in flight, rollup rows
+
+/// The fixture's SQLite store behind a gate: every read waits until [`GatedStore::open`]
+/// (writes and pings go straight through). Counts the reads that reached it.
+struct GatedStore {
+    inner: Arc<dyn Store>,
+    open: tokio::sync::watch::Sender<bool>,
+    reads: std::sync::atomic::AtomicUsize,
+}
+
+impl GatedStore {
+    fn closed(inner: Arc<dyn Store>) -> Arc<GatedStore> {
+        Arc::new(GatedStore {
+            inner,
+            open: tokio::sync::watch::Sender::new(false),
+            reads: Default::default(),
+        })
+    }
+
+    fn open(&self) {
+        self.open.send_replace(true);
+    }
+
+    fn reads(&self) -> usize {
+        self.reads.load(Relaxed)
+    }
+
+    async fn pass(&self) {
+        self.reads.fetch_add(1, Relaxed);
+        let mut open = self.open.subscribe();
+        let _ = open.wait_for(|open| *open).await;
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for GatedStore {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    async fn write_readings(&self, batch: &[Record]) -> Result<u64, StoreError> {
+        self.inner.write_readings(batch).await
+    }
+    async fn write_snapshots(&self, rows: &[Snapshot]) -> Result<u64, StoreError> {
+        self.inner.write_snapshots(rows).await
+    }
+    async fn history(
+        &self,
+        device: &str,
+        sensor: &str,
+        range: Range,
+        limit: usize,
+    ) -> Result<Vec<Point>, StoreError> {
+        self.pass().await;
+        self.inner.history(device, sensor, range, limit).await
+    }
+    async fn rollups(
+        &self,
+        device: &str,
+        sensor: &str,
+        range: Range,
+    ) -> Result<Vec<Rollup>, StoreError> {
+        self.pass().await;
+        self.inner.rollups(device, sensor, range).await
+    }
+    async fn series(
+        &self,
+        device: &str,
+        sensor: Option<&str>,
+    ) -> Result<Vec<SeriesInfo>, StoreError> {
+        self.pass().await;
+        self.inner.series(device, sensor).await
+    }
+    async fn series_history(
+        &self,
+        key: &SeriesKey<'_>,
+        range: Range,
+        limit: usize,
+    ) -> Result<Vec<Point>, StoreError> {
+        self.pass().await;
+        self.inner.series_history(key, range, limit).await
+    }
+    async fn series_rollups(
+        &self,
+        key: &SeriesKey<'_>,
+        range: Range,
+    ) -> Result<Vec<Rollup>, StoreError> {
+        self.pass().await;
+        self.inner.series_rollups(key, range).await
+    }
+    async fn snapshots(
+        &self,
+        device: Option<&str>,
+        range: Range,
+        limit: usize,
+    ) -> Result<Vec<Snapshot>, StoreError> {
+        self.pass().await;
+        self.inner.snapshots(device, range, limit).await
+    }
+    async fn count_readings(&self) -> Result<u64, StoreError> {
+        self.inner.count_readings().await
+    }
+    async fn prune_readings(&self, before: Timestamp) -> Result<u64, StoreError> {
+        self.inner.prune_readings(before).await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+}
+
+/// The fixture's state with other limits and, if given, another store.
+fn limited(f: &Fixture, store: Option<Arc<dyn Store>>, limits: Limits) -> AppState {
+    AppState {
+        store: store.unwrap_or_else(|| f.state.store.clone()),
+        limits,
+        ..f.state.clone()
+    }
+}
+
+/// Status, `Retry-After` and JSON body of a GET.
+async fn get_retry(app: &Router, uri: &str) -> (StatusCode, Option<String>, Value) {
+    let req = Request::get(uri).body(Body::empty()).unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let retry_after = resp
+        .headers()
+        .get(header::RETRY_AFTER)
+        .map(|v| v.to_str().unwrap().to_string());
+    let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let body = serde_json::from_slice(&body)
+        .unwrap_or_else(|e| panic!("{uri}: not JSON ({e}): {}", String::from_utf8_lossy(&body)));
+    (status, retry_after, body)
+}
+
+const SERIES_10M: &str = "/api/v1/devices/v00001/series?sensor=speed&from=-10m";
+
+#[tokio::test]
+async fn a_slow_store_is_a_503_with_retry_after() {
+    let f = Fixture::new().await;
+    let gated = GatedStore::closed(f.state.store.clone());
+    let state = limited(
+        &f,
+        Some(gated.clone()),
+        Limits::new(Duration::from_secs(10), 4, 100_000),
+    );
+    let app = router(state.clone());
+    tokio::time::pause();
+    let started = tokio::time::Instant::now();
+    let (status, retry_after, body) = get_retry(&app, SERIES_10M).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(retry_after.as_deref(), Some("5"));
+    assert_eq!(
+        body["error"],
+        "no answer within 10s; the server is busy, try again shortly"
+    );
+    let waited = started.elapsed();
+    assert!(
+        (Duration::from_secs(10)..Duration::from_secs(11)).contains(&waited),
+        "{waited:?}"
+    );
+    // The store is still working on the abandoned read, which keeps its slot meanwhile.
+    assert_eq!(gated.reads(), 1);
+    assert_eq!(state.limits.queries_in_flight(), 1);
+    gated.open();
+    wait_until(|| state.limits.queries_in_flight() == 0).await;
+    let (status, retry_after, body) = get_retry(&app, SERIES_10M).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(retry_after, None);
+}
+
+#[tokio::test]
+async fn too_many_store_queries_is_a_503_with_retry_after_1() {
+    let f = Fixture::new().await;
+    let gated = GatedStore::closed(f.state.store.clone());
+    let state = limited(
+        &f,
+        Some(gated.clone()),
+        Limits::new(Duration::from_secs(10), 2, 100_000),
+    );
+    let app = router(state.clone());
+    // Two requests reading the store, held there.
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move { get_retry(&app, SERIES_10M).await })
+        })
+        .collect();
+    wait_until(|| state.limits.queries_in_flight() == 2).await;
+
+    let (status, retry_after, body) = get_retry(&app, SERIES_10M).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    let message = body["error"].as_str().unwrap();
+    assert!(message.contains("busy"), "{message}");
+    // Refused before reading anything.
+    wait_until(|| gated.reads() >= 2).await;
+    let reads = gated.reads();
+
+    // Meanwhile the in-memory endpoints answer, and bad input is still a 400.
+    let (status, _) = get_json(&app, "/api/v1/devices?sort=last_seen").await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = get_json(&app, "/api/v1/fleet/summary").await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = get_json(&app, "/api/v1/devices/v00003").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_error(
+        &app,
+        "/api/v1/devices/v00001/series?sensor=speed&from=soon",
+        StatusCode::BAD_REQUEST,
+        "from \"soon\"",
+    )
+    .await;
+    assert_error(
+        &app,
+        "/api/v1/devices/v00001/series?sensor=speed&from=-300d",
+        StatusCode::BAD_REQUEST,
+        "per-minute rollups",
+    )
+    .await;
+    assert_eq!(gated.reads(), reads, "refused requests read nothing");
+
+    gated.open();
+    for w in waiting {
+        let (status, _, body) = w.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["source"], "raw");
+    }
+    assert_eq!(state.limits.queries_in_flight(), 0);
+    let (status, _, _) = get_retry(&app, SERIES_10M).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn rollup_reads_are_bounded_in_rows() {
+    let f = Fixture::new().await;
+    // A day of minutes at most.
+    let app = router(limited(
+        &f,
+        None,
+        Limits::new(Duration::from_secs(10), 16, 1440),
+    ));
+    let (status, body) =
+        get_json(&app, "/api/v1/devices/v00001/series?sensor=speed&from=-23h").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["source"], "rollup_1m");
+    let total: u64 = body["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 8 * 360);
+    let (status, body) =
+        get_json(&app, "/api/v1/devices/v00001/series?sensor=speed&from=-2d").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let message = body["error"].as_str().unwrap();
+    for needle in [
+        "per-minute rollups",
+        "more than the 1440 one request may read (about 1.0 days)",
+        "shorter range",
+    ] {
+        assert!(message.contains(needle), "{message:?} lacks {needle:?}");
+    }
+    // Wide buckets start the read at the bucket holding `from`: 23 h from noon in
+    // buckets of a day read from midnight, 35 h.
+    assert_error(
+        &app,
+        "/api/v1/devices/v00001/series?sensor=speed&from=2026-11-20T12:00:00Z\
+         &to=2026-11-21T11:00:00Z&step=1d",
+        StatusCode::BAD_REQUEST,
+        "in buckets of 86400 s",
+    )
+    .await;
+
+    // The default bound: 100,000 minutes, about 69 days.
+    let app = f.app();
+    let (status, body) =
+        get_json(&app, "/api/v1/devices/v00001/series?sensor=speed&from=-60d").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_error(
+        &app,
+        "/api/v1/devices/v00001/series?sensor=speed&from=-300d",
+        StatusCode::BAD_REQUEST,
+        "more than the 100000 one request may read (about 69.4 days)",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn the_live_stream_outlives_the_request_timeout() {
+    let f = Fixture::new().await;
+    let app = router(limited(
+        &f,
+        None,
+        Limits::new(Duration::from_secs(1), 16, 100_000),
+    ));
+    tokio::time::pause();
+    let body = open_live(&app, "?device=v00001").await;
+    tokio::time::advance(Duration::from_secs(60)).await;
+    let ts = Timestamp::now().as_micros();
+    f.state
+        .index
+        .apply_put("v00001", "speed", state(42.0, ts, Some("km/h"), &[]));
+    let events = read_events(body, 1).await;
+    assert_eq!(events.len(), 1, "the stream ended at the request timeout");
+    assert_eq!(events[0].1["value"], 42.0);
+}
+
+#[tokio::test]
+async fn busy_and_timeout_503s_are_documented() {
+    let doc: Value =
+        serde_json::from_str(&fleetpipe_api::openapi::document().to_json().unwrap()).unwrap();
+    let unavailable = &doc["components"]["responses"]["UnavailableResponse"];
+    assert!(
+        unavailable["headers"]["Retry-After"].is_object(),
+        "{unavailable}"
+    );
+    for path in [
+        "/api/v1/devices",
+        "/api/v1/devices/{id}/series",
+        "/api/v1/fleet/summary",
+        "/metrics",
+    ] {
+        let r = &doc["paths"][path]["get"]["responses"]["503"];
+        assert_eq!(
+            r["$ref"], "#/components/responses/UnavailableResponse",
+            "{path}: {r}"
+        );
+    }
+    let series = doc["paths"]["/api/v1/devices/{id}/series"]["get"]["description"]
+        .as_str()
+        .unwrap();
+    assert!(series.contains("api.max_rollup_rows"), "{series}");
+}
+
+#[tokio::test]
+async fn api_limits_are_configured_in_the_api_section() {
+    use fleetpipe_pipeline::Config;
+    let c = Config::from_toml(
+        "[api]\nrequest_timeout = \"3s\"\nmax_concurrent_queries = 4\nmax_rollup_rows = 20000",
+    )
+    .unwrap();
+    c.validate().unwrap();
+    let limits = Limits::from_config(&c.api);
+    assert_eq!(limits.request_timeout, Duration::from_secs(3));
+    assert_eq!(limits.max_rollup_rows, 20_000);
+    for _ in 0..4 {
+        std::mem::forget(limits.query_slot().unwrap());
+    }
+    assert!(limits.query_slot().is_err());
+
+    let d = Config::default().api;
+    assert_eq!(
+        (
+            d.request_timeout,
+            d.max_concurrent_queries,
+            d.max_rollup_rows
+        ),
+        (Duration::from_secs(10), 16, 100_000)
+    );
+    let mut c = Config::default();
+    c.api.request_timeout = Duration::from_millis(10);
+    c.api.max_concurrent_queries = 0;
+    c.api.max_rollup_rows = 60;
+    let problems = c.validate().unwrap_err().0;
+    assert_eq!(problems.len(), 3, "{problems:?}");
+    for key in [
+        "api.request_timeout",
+        "api.max_concurrent_queries",
+        "api.max_rollup_rows",
+    ] {
+        assert!(problems.iter().any(|p| p.contains(key)), "{problems:?}");
+    }
+}
+
+/// `fleetpipe up` gives the API a second handle on the SQLite file the collectors write:
+/// opening it while the first is in use is safe (the migrations are done), and it sees
+/// every commit of the first.
+#[tokio::test]
+async fn the_api_store_is_a_second_handle_on_the_same_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("up.db").display());
+    let writer = fleetpipe_store::open(&url).await.unwrap();
+    let now = Timestamp::now().as_micros();
+    let record = |seq: u64, ts: i64| Record {
+        seq,
+        reading: Reading {
+            device: "v1".into(),
+            sensor: "speed".into(),
+            value: seq as f64,
+            ts: Timestamp::from_micros(ts),
+            unit: None,
+            quality: None,
+            tags: Default::default(),
+        },
+    };
+    writer
+        .write_readings(&[record(1, now - MIN)])
+        .await
+        .unwrap();
+    let api = fleetpipe_api::open_store(&url, &fleetpipe_pipeline::config::ApiConfig::default())
+        .await
+        .unwrap();
+    writer.write_readings(&[record(2, now)]).await.unwrap();
+    let range = Range {
+        from: Timestamp::from_micros(now - HOUR),
+        to: Timestamp::from_micros(now + 1),
+    };
+    let points = api.history("v1", "speed", range, 10).await.unwrap();
+    assert_eq!(points.len(), 2);
+    api.ping().await.unwrap();
 }

@@ -212,15 +212,15 @@ async fn up(mut config: Config, a: UpArgs) -> Result<()> {
 async fn run_up(config: &Config, a: &UpArgs, payload: PayloadForm) -> Result<()> {
     let (client, broker) = connect(config, "fleetpipe-up").await?;
     let store = open_store(config).await?;
+    // The API reads through a handle of its own (a small pool of its own with PostgreSQL),
+    // so its queries never wait for the collectors' connections, nor hold them.
+    let url = config.store_url();
+    let api_store = fleetpipe_api::open_store(&url, &config.api)
+        .await
+        .with_context(|| format!("cannot open the store at {} for the API", redact(&url)))?;
     let stats = Arc::new(Stats::default());
-    let api = fleetpipe_api::start(
-        config,
-        client.clone(),
-        &broker,
-        store.clone(),
-        stats.clone(),
-    )
-    .await?;
+    let api =
+        fleetpipe_api::start(config, client.clone(), &broker, api_store, stats.clone()).await?;
     tracing::info!("dashboard on {}", api.url());
     tracing::info!(
         nats = %config.nats.url,

@@ -17,7 +17,7 @@ fn state_update(c: &mut Criterion) {
         ts: now,
         unit: unit.map(str::to_string),
         quality: unit.map(|_| "good".to_string()),
-        tags: Vec::new(),
+        tags: Default::default(),
     };
     let plain: Vec<Reading> = (0..2000).map(|i| reading(i, None)).collect();
     let json: Vec<Reading> = (0..2000).map(|i| reading(i, Some("km/h"))).collect();
@@ -29,7 +29,7 @@ fn state_update(c: &mut Criterion) {
             b.iter(|| {
                 let mut bytes = 0;
                 for r in batch.iter() {
-                    let key = state::key(&r.device, &r.sensor);
+                    let key = state::key(&r.device, &r.sensor, &r.tags);
                     let body = serde_json::to_vec(&StateValue::from_reading(r)).unwrap();
                     bytes += key.len() + body.len();
                 }

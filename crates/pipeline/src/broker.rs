@@ -1,10 +1,11 @@
 //! The JetStream objects fleetpipe needs, created or updated idempotently at start.
 //!
 //! * the telemetry stream (file storage, retention, de-duplication window);
-//! * the dead-letter stream `FLEETPIPE_DLQ` on `fleetpipe.dlq.<reason>`;
+//! * the dead-letter stream `FLEETPIPE_DLQ` on `fleetpipe.dlq.<reason>.<stream seq>`;
 //! * the latest-state KV bucket `fleetpipe_state` (key `<device>.<sensor>`);
 //! * the lease KV bucket `fleetpipe_leases` (the aggregator's single-writer lease);
-//! * the collectors' durable pull consumer.
+//! * the collectors' durable pull consumer, and the stream `FLEETPIPE_ADVISORIES` that
+//!   keeps its max-delivery advisories for the collectors to dead-letter those messages.
 
 use std::time::Duration;
 
@@ -85,13 +86,66 @@ pub fn consumer_config(config: &Config) -> consumer::pull::Config {
         description: Some("fleetpipe collectors".into()),
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: c.ack_wait,
-        // Never give up on a message: dropping it after N tries would lose data. Bad input
-        // is dead-lettered by the collector, so only store outages cause redelivery.
-        max_deliver: -1,
+        // Bad input is dead-lettered by the collectors, and they wait out store outages
+        // without spending deliveries: a message delivered this often crashed or stalled
+        // collectors every time. The broker then stops delivering it and announces it; the
+        // collectors dead-letter it (see `max_deliveries_consumer`), so it is not lost.
+        max_deliver: c.max_deliver,
         max_ack_pending: c.max_ack_pending,
         deliver_policy: consumer::DeliverPolicy::All,
         ..Default::default()
     }
+}
+
+/// The subject of JetStream's advisories for messages the collectors' consumer gave up on.
+fn max_deliveries_subject(config: &Config) -> String {
+    format!(
+        "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.{}",
+        config.stream.name, config.collector.durable
+    )
+}
+
+/// The stream that keeps max-delivery advisories (core NATS messages, lost while nobody
+/// listens) until a collector has dead-lettered the message each one names.
+async fn ensure_advisories(js: &jetstream::Context, config: &Config) -> Result<()> {
+    js.create_or_update_stream(stream::Config {
+        name: names::ADVISORY_STREAM.into(),
+        description: Some(
+            "fleetpipe: advisories of telemetry messages to dead-letter after max deliveries"
+                .into(),
+        ),
+        subjects: vec![max_deliveries_subject(config)],
+        retention: stream::RetentionPolicy::WorkQueue,
+        max_age: Duration::from_secs(30 * 24 * 3600),
+        max_bytes: 64 * 1024 * 1024,
+        storage: stream::StorageType::File,
+        num_replicas: config.stream.replicas,
+        ..Default::default()
+    })
+    .await
+    .context("cannot create or update the advisory stream")?;
+    let stream = js.get_stream(names::ADVISORY_STREAM).await?;
+    ensure_consumer(
+        &stream,
+        consumer::pull::Config {
+            durable_name: Some(names::ADVISORY_CONSUMER.into()),
+            description: Some("fleetpipe collectors: max-delivery advisories".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            ..Default::default()
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// The durable consumer of the advisory stream, which [`ensure`] created.
+pub async fn max_deliveries_consumer(js: &jetstream::Context) -> Result<consumer::PullConsumer> {
+    js.get_stream(names::ADVISORY_STREAM)
+        .await?
+        .get_consumer(names::ADVISORY_CONSUMER)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot open consumer {}: {e}", names::ADVISORY_CONSUMER))
 }
 
 /// Creates or updates every object fleetpipe needs. Safe to run from every process at
@@ -153,6 +207,7 @@ pub async fn ensure(client: &async_nats::Client, config: &Config) -> Result<Brok
         .await
         .context("cannot create or update the lease KV bucket")?;
 
+    ensure_advisories(&js, config).await?;
     let consumer = ensure_consumer(&telemetry, consumer_config(config)).await?;
     Ok(Broker {
         js,

@@ -22,6 +22,7 @@ pub struct Config {
     pub collector: CollectorConfig,
     pub aggregator: AggregatorConfig,
     pub store: StoreConfig,
+    pub state: StateConfig,
     pub api: ApiConfig,
 }
 
@@ -92,9 +93,14 @@ pub struct CollectorConfig {
     /// Most messages delivered and not yet acknowledged across all collectors; the broker
     /// stops delivering at this point, which bounds collector memory.
     pub max_ack_pending: i64,
-    /// How long the broker waits for an acknowledgement before redelivering.
+    /// How long the broker waits for an acknowledgement before redelivering. Collectors
+    /// extend it for the messages they hold (a slow commit, a store outage).
     #[serde(with = "duration_text")]
     pub ack_wait: Duration,
+    /// Deliveries of one message before the broker gives up on it and the collectors
+    /// dead-letter it (code `max_deliveries`). Only a message that made collectors crash,
+    /// stall past `ack_wait` or stop spends deliveries: store outages do not.
+    pub max_deliver: i64,
     /// Payloads larger than this are dead-lettered.
     pub max_payload_bytes: usize,
     /// Device timestamps further than this past the broker's time are dead-lettered.
@@ -105,10 +111,12 @@ pub struct CollectorConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AggregatorConfig {
-    /// Time between snapshot rows; down to 100 ms.
+    /// Time between snapshot rows; from 100 ms to 1 h.
     #[serde(with = "duration_text")]
     pub interval: Duration,
     /// How long the writer's lease lasts without renewal; a standby takes over after it.
+    /// The writer renews it every third of it, on its own schedule, so it may be shorter
+    /// than the interval; from 1 s to 1 h.
     #[serde(with = "duration_text")]
     pub lease_ttl: Duration,
 }
@@ -118,9 +126,25 @@ pub struct AggregatorConfig {
 pub struct StoreConfig {
     /// `postgres://…`, or `sqlite://PATH`. Empty: `sqlite://<data_dir>/fleetpipe.db`.
     pub url: String,
-    /// Raw readings older than this are deleted (rollups and snapshots are kept).
+    /// Raw readings older than this are deleted; their rollups are kept (for
+    /// `rollup_retention`), and a late reading older than this is not stored at all.
     #[serde(with = "duration_text")]
     pub raw_retention: Duration,
+    /// Per-minute rollups older than this are deleted; at least `raw_retention`.
+    #[serde(with = "duration_text")]
+    pub rollup_retention: Duration,
+    /// The aggregator's snapshots older than this are deleted.
+    #[serde(with = "duration_text")]
+    pub snapshot_retention: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// A sensor whose latest value is older than this leaves the latest-state bucket (and
+    /// so the device list and the snapshots); it comes back with its next reading.
+    #[serde(with = "duration_text")]
+    pub max_idle: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -134,12 +158,25 @@ pub struct ApiConfig {
     /// Map tile URL template for the dashboard (`https://…/{z}/{x}/{y}.png`). Empty: the
     /// map draws positions without tiles, so it works offline.
     pub tile_url: String,
+    /// Longest a request may take, the live stream excepted; then 503 with `Retry-After`.
+    #[serde(with = "duration_text")]
+    pub request_timeout: Duration,
+    /// Requests reading the store at once (series); one more gets 503 with
+    /// `Retry-After: 1`. Under PostgreSQL, `fleetpipe up` gives the API a pool of this
+    /// many connections (and one for readiness) of its own.
+    pub max_concurrent_queries: usize,
+    /// Most per-minute rollup rows one series request reads; a range needing more is
+    /// refused with 400 (100,000 minutes: about 69 days).
+    pub max_rollup_rows: u64,
 }
 
 /// Broker object names that are not configurable, so every fleetpipe process agrees.
 pub mod names {
     pub const DLQ_STREAM: &str = "FLEETPIPE_DLQ";
-    /// Dead letters are published on `fleetpipe.dlq.<reason code>`.
+    /// Keeps the telemetry consumer's max-delivery advisories.
+    pub const ADVISORY_STREAM: &str = "FLEETPIPE_ADVISORIES";
+    pub const ADVISORY_CONSUMER: &str = "fleetpipe-max-deliveries";
+    /// Dead letters are published on `fleetpipe.dlq.<reason code>.<stream seq>`.
     pub const DLQ_SUBJECT_PREFIX: &str = "fleetpipe.dlq";
     pub const STATE_BUCKET: &str = "fleetpipe_state";
     pub const LEASE_BUCKET: &str = "fleetpipe_leases";
@@ -155,6 +192,22 @@ const fn default_online_window() -> Duration {
     Duration::from_secs(30)
 }
 
+/// Ten times what a reasonable query takes, and well under what a client or proxy waits.
+const fn default_request_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// As many as the collectors' PostgreSQL pool: enough for a few dashboards opening device
+/// pages (one series request per sensor) at once.
+const fn default_max_concurrent_queries() -> usize {
+    16
+}
+
+/// About 69 days of minutes; some 5 MB and tens of milliseconds per request.
+const fn default_max_rollup_rows() -> u64 {
+    100_000
+}
+
 /// Where `fleetpipe serve` and `fleetpipe up` listen unless told otherwise.
 pub const DEFAULT_HTTP: &str = "127.0.0.1:8080";
 
@@ -168,6 +221,7 @@ impl Default for Config {
             collector: CollectorConfig::default(),
             aggregator: AggregatorConfig::default(),
             store: StoreConfig::default(),
+            state: StateConfig::default(),
             api: ApiConfig::default(),
         }
     }
@@ -179,6 +233,9 @@ impl Default for ApiConfig {
             http: DEFAULT_HTTP.into(),
             online_window: default_online_window(),
             tile_url: String::new(),
+            request_timeout: default_request_timeout(),
+            max_concurrent_queries: default_max_concurrent_queries(),
+            max_rollup_rows: default_max_rollup_rows(),
         }
     }
 }
@@ -225,6 +282,7 @@ impl Default for CollectorConfig {
             batch_wait: Duration::ZERO,
             max_ack_pending: 50_000,
             ack_wait: Duration::from_secs(30),
+            max_deliver: 10,
             max_payload_bytes: Limits::default().max_payload_bytes,
             max_future: Duration::from_secs(300),
         }
@@ -240,14 +298,34 @@ impl Default for AggregatorConfig {
     }
 }
 
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             url: String::new(),
-            raw_retention: Duration::from_secs(30 * 24 * 3600),
+            raw_retention: DAY * 30,
+            rollup_retention: DAY * 400,
+            snapshot_retention: DAY * 30,
         }
     }
 }
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig { max_idle: DAY * 30 }
+    }
+}
+
+/// Longest retention (and `state.max_idle`) accepted: 100 years. Anything longer is a typo,
+/// and would overflow the microsecond arithmetic that turns it into a time.
+pub const MAX_RETENTION: Duration = Duration::from_secs(36_525 * 24 * 3600);
+
+/// Shortest retention (and `state.max_idle`) accepted.
+pub const MIN_RETENTION: Duration = Duration::from_secs(60);
+
+/// Longest `aggregator.interval` and `aggregator.lease_ttl` accepted.
+pub const MAX_AGGREGATOR_PERIOD: Duration = Duration::from_secs(3600);
 
 /// Every problem found in a configuration, so the user can fix them all in one go.
 #[derive(Debug, thiserror::Error)]
@@ -317,6 +395,15 @@ impl Config {
         if c.ack_wait < Duration::from_secs(1) {
             problems.push("collector.ack_wait must be at least 1s".into());
         }
+        if !(2..=1000).contains(&c.max_deliver) {
+            problems.push(format!(
+                "collector.max_deliver is {}, it must be between 2 and 1000",
+                c.max_deliver
+            ));
+        }
+        if c.ack_wait > Duration::from_secs(24 * 3600) {
+            problems.push("collector.ack_wait must be at most 1 day".into());
+        }
         if c.batch_wait > c.ack_wait / 2 {
             problems.push("collector.batch_wait must be under half of collector.ack_wait".into());
         }
@@ -329,15 +416,50 @@ impl Config {
                 c.durable
             ));
         }
+        // The interval and the lease are independent (the lease is renewed on its own
+        // schedule), so an interval longer than the lease is fine.
         let a = &self.aggregator;
-        if a.interval < Duration::from_millis(100) {
+        if a.interval < Duration::from_millis(100) || a.interval > MAX_AGGREGATOR_PERIOD {
             problems.push(format!(
-                "aggregator.interval is {}, the minimum is 100ms",
+                "aggregator.interval is {}, it must be from 100ms to 1h",
                 humantime::format_duration(a.interval)
             ));
         }
-        if a.lease_ttl < Duration::from_secs(1) {
-            problems.push("aggregator.lease_ttl must be at least 1s".into());
+        // Renewed every third of the TTL, a lease survives one failed renewal only if the
+        // writer's safety margin is under a third of it.
+        let min_ttl = Duration::from_secs(1).max(crate::aggregator::LEASE_MARGIN * 3);
+        if a.lease_ttl < min_ttl || a.lease_ttl > MAX_AGGREGATOR_PERIOD {
+            problems.push(format!(
+                "aggregator.lease_ttl is {}, it must be from {} to 1h",
+                humantime::format_duration(a.lease_ttl),
+                humantime::format_duration(min_ttl)
+            ));
+        }
+        let retentions = [
+            ("store.raw_retention", self.store.raw_retention),
+            ("store.rollup_retention", self.store.rollup_retention),
+            ("store.snapshot_retention", self.store.snapshot_retention),
+            ("state.max_idle", self.state.max_idle),
+        ];
+        for (name, d) in retentions {
+            if d < MIN_RETENTION {
+                problems.push(format!(
+                    "{name} is {}, it must be at least 1m",
+                    humantime::format_duration(d)
+                ));
+            } else if d > MAX_RETENTION {
+                problems.push(format!(
+                    "{name} is {}, more than the maximum of 100 years; write e.g. \"30d\"",
+                    humantime::format_duration(d)
+                ));
+            }
+        }
+        if self.store.rollup_retention < self.store.raw_retention {
+            problems.push(
+                "store.rollup_retention must be at least store.raw_retention: ranges whose raw \
+                 readings are pruned are answered from the rollups"
+                    .into(),
+            );
         }
         let store_schemes = ["postgres://", "postgresql://", "sqlite://"];
         if !self.store.url.is_empty()
@@ -356,6 +478,20 @@ impl Config {
         }
         if self.api.online_window < Duration::from_secs(1) {
             problems.push("api.online_window must be at least 1s".into());
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&self.api.request_timeout)
+        {
+            problems.push("api.request_timeout must be between 1s and 10m".into());
+        }
+        if !(1..=1024).contains(&self.api.max_concurrent_queries) {
+            problems.push("api.max_concurrent_queries must be between 1 and 1024".into());
+        }
+        // A day at least: a series request falls back from raw readings (at most 6 h) to
+        // rollups, which must then fit.
+        if !(1440..=10_000_000).contains(&self.api.max_rollup_rows) {
+            problems.push(
+                "api.max_rollup_rows must be between 1440 (a day of minutes) and 10000000".into(),
+            );
         }
         if !self.nats.credentials.is_empty() && !Path::new(&self.nats.credentials).is_file() {
             problems.push(format!(
@@ -393,6 +529,7 @@ impl Config {
         Limits {
             max_payload_bytes: self.collector.max_payload_bytes,
             max_future_micros: self.collector.max_future.as_micros().min(i64::MAX as u128) as i64,
+            ..Limits::default()
         }
     }
 
@@ -484,5 +621,60 @@ mod tests {
         let mut c = Config::default();
         c.subjects.capture = vec!["fleetpipe.>".into()];
         assert_eq!(c.validate().unwrap_err().0.len(), 1);
+    }
+
+    #[test]
+    fn aggregator_periods_and_retentions_are_bounded() {
+        // An interval longer than the lease is fine: the lease is renewed on its own.
+        let c = Config::from_toml(
+            r#"
+            [aggregator]
+            interval = "5s"
+            lease_ttl = "1s"
+            [store]
+            raw_retention = "7d"
+            rollup_retention = "2y"
+            snapshot_retention = "1h"
+            [state]
+            max_idle = "12h"
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.state.max_idle, Duration::from_secs(12 * 3600));
+        assert_eq!(Config::default().store.rollup_retention, DAY * 400);
+
+        // (setting, value, what the message says)
+        let cases = [
+            ("aggregator", "interval", "2h", "from 100ms to 1h"),
+            ("aggregator", "lease_ttl", "500ms", "from 1s to 1h"),
+            ("aggregator", "lease_ttl", "100000000y", "from 1s to 1h"),
+            ("store", "raw_retention", "0s", "at least 1m"),
+            (
+                "store",
+                "snapshot_retention",
+                "100000000y",
+                "maximum of 100 years",
+            ),
+            ("store", "rollup_retention", "101y", "maximum of 100 years"),
+            ("state", "max_idle", "0s", "at least 1m"),
+            ("state", "max_idle", "1000000000y", "maximum of 100 years"),
+        ];
+        for (section, key, value, says) in cases {
+            let text = format!("[{section}]\n{key} = \"{value}\"");
+            let c = Config::from_toml(&text).unwrap();
+            let errors = c.validate().unwrap_err().0;
+            assert!(
+                errors
+                    .iter()
+                    .any(|e| e.contains(&format!("{section}.{key}")) && e.contains(says)),
+                "{text}: {errors:?}"
+            );
+        }
+        let mut c = Config::default();
+        c.store.raw_retention = DAY * 500;
+        let errors = c.validate().unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].contains("rollup_retention"), "{errors:?}");
     }
 }

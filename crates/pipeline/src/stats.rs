@@ -40,9 +40,14 @@ stats! {
     readings_duplicate,
     /// Messages routed to the dead-letter stream.
     dead_letters,
+    /// Messages whose readings the store refused for good, dead-lettered (code `store`).
+    store_refused,
+    /// Messages dead-lettered after `collector.max_deliver` deliveries (code
+    /// `max_deliveries`).
+    max_deliveries,
     /// Store transactions committed by the collectors.
     batches,
-    /// Failed store writes (the messages are redelivered).
+    /// Failed store writes (retried, or split to find a message the store refuses).
     store_errors,
     /// Failed broker operations (state, dead letters, acks); the messages are redelivered.
     nats_errors,

@@ -35,8 +35,27 @@ pub struct Reading {
     pub unit: Option<String>,
     /// Quality flag as sent by the device (`good`, `uncertain`…), if any.
     pub quality: Option<String>,
-    /// Extra subject tokens named by the template (`site`, `line`…) and line-protocol tags.
-    pub tags: Vec<(String, String)>,
+    /// Extra subject tokens named by the template (`site`, `line`…) and line-protocol tags,
+    /// sorted by name, each name once. Part of the series' identity: two readings that
+    /// differ only in a tag value belong to two series. Shared, not copied, by the readings
+    /// of one line-protocol line.
+    pub tags: Tags,
+}
+
+/// A reading's tags: `(name, value)` pairs sorted by name, each name once. Cheap to clone.
+pub type Tags = std::sync::Arc<[(String, String)]>;
+
+/// Sorts `tags` by name, the last value of a repeated name winning: the canonical form
+/// [`Reading::tags`] holds.
+pub fn canonical_tags(tags: &[(String, String)]) -> Tags {
+    if tags.windows(2).all(|w| w[0].0 < w[1].0) {
+        return tags.into();
+    }
+    let map: std::collections::BTreeMap<&str, &str> =
+        tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    map.into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// Why a payload (or one line of a batch) was refused. The `code` is a stable, short
@@ -66,6 +85,9 @@ pub enum RejectCode {
     Timestamp,
     /// Payload is empty or not UTF-8.
     Encoding,
+    /// Over a decoding limit of [`Limits`]: too many readings in one message, too many tags
+    /// on one reading, a tag key or value too long.
+    Limit,
 }
 
 impl RejectCode {
@@ -80,16 +102,29 @@ impl RejectCode {
             RejectCode::LineProtocol => "line_protocol",
             RejectCode::Timestamp => "timestamp",
             RejectCode::Encoding => "encoding",
+            RejectCode::Limit => "limit",
         }
     }
 }
 
+/// Longest [`Reject::message`], in bytes: a longer one is cut and ends with `…`. Messages
+/// quote the input they refuse, and a dead letter must not grow with the input.
+pub const MAX_REJECT_MESSAGE: usize = 512;
+
 impl Reject {
     pub(crate) fn new(code: RejectCode, message: impl Into<String>) -> Self {
-        Reject {
-            code,
-            message: message.into(),
+        let mut message: String = message.into();
+        if message.len() > MAX_REJECT_MESSAGE {
+            let mut cut = MAX_REJECT_MESSAGE - '…'.len_utf8();
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push('…');
         }
+        // Exact capacity, so `Decoded::decoded_bytes` holds each message at its length.
+        message.shrink_to_fit();
+        Reject { code, message }
     }
 }
 

@@ -28,7 +28,7 @@ fn batch(n: usize, devices: usize, seq: &AtomicU64, now: Timestamp) -> Vec<Recor
                     ts: now.saturating_add_micros(seq as i64),
                     unit: None,
                     quality: None,
-                    tags: Vec::new(),
+                    tags: Default::default(),
                 },
             }
         })

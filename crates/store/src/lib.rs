@@ -7,8 +7,10 @@
 //! **Invariants**
 //! * A write is durable when it returns `Ok`: callers acknowledge JetStream messages only
 //!   after that.
-//! * Writes are idempotent. A reading is identified by `(device, sensor, ts, seq)` where
-//!   `seq` is the JetStream stream sequence of the message that carried it, so a redelivered
+//! * A series is `(device, sensor, tags)`: readings that differ only in a tag value belong
+//!   to different series.
+//! * Writes are idempotent. A reading is identified by `(series, ts, seq)` where `seq` is
+//!   the JetStream stream sequence of the message that carried it, so a redelivered
 //!   message never produces a second row, and rollups count each reading once (they are
 //!   updated in the same transaction, from the rows actually inserted).
 //! * Snapshots are identified by `(device, ts)`; writing the same tick twice is a no-op.
@@ -17,7 +19,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use fleetpipe_proto::{Reading, Timestamp};
+use fleetpipe_proto::{Reading, Tags, Timestamp};
 
 mod migrations;
 pub mod postgres;
@@ -39,6 +41,60 @@ pub struct Snapshot {
     pub ts: Timestamp,
     pub values: BTreeMap<String, f64>,
 }
+
+/// Names one series: a device's sensor with one tag set (in any order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeriesKey<'a> {
+    pub device: &'a str,
+    pub sensor: &'a str,
+    pub tags: &'a [(String, String)],
+}
+
+impl<'a> SeriesKey<'a> {
+    /// The series of `device`'s `sensor` without tags.
+    pub fn new(device: &'a str, sensor: &'a str) -> Self {
+        SeriesKey {
+            device,
+            sensor,
+            tags: &[],
+        }
+    }
+
+    /// The same device and sensor with these tags.
+    pub fn with_tags(self, tags: &'a [(String, String)]) -> Self {
+        SeriesKey { tags, ..self }
+    }
+
+    /// The tags as stored: a JSON object with sorted keys.
+    pub(crate) fn tags_json(&self) -> String {
+        series::tags_to_json(&fleetpipe_proto::canonical_tags(self.tags))
+    }
+}
+
+/// One stored series, as listed by [`Store::series`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeriesInfo {
+    pub device: String,
+    pub sensor: String,
+    /// Canonical: sorted by name.
+    pub tags: Tags,
+    /// The latest unit a reading of it carried.
+    pub unit: Option<String>,
+}
+
+impl SeriesInfo {
+    pub fn key(&self) -> SeriesKey<'_> {
+        SeriesKey {
+            device: &self.device,
+            sensor: &self.sensor,
+            tags: &self.tags,
+        }
+    }
+}
+
+/// Most series [`Store::series`] returns: a device has a handful of sensors, each with a
+/// few tag sets; a listing this long means a tag is used as a value (a timestamp, an id).
+pub const MAX_SERIES_LISTED: usize = 1000;
 
 /// One stored raw reading, as returned by [`Store::history`].
 #[derive(Debug, Clone, PartialEq)]
@@ -68,6 +124,119 @@ pub struct Range {
     pub to: Timestamp,
 }
 
+/// Data kept for a limited time and deleted by [`Store::prune`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Retained {
+    /// Raw readings, by timestamp.
+    Readings,
+    /// Per-minute rollups, by the start of their minute.
+    Rollups,
+    /// The aggregator's snapshots, by tick.
+    Snapshots,
+}
+
+impl Retained {
+    /// The table, which is also the row's name in `retention_horizons`.
+    pub fn table(self) -> &'static str {
+        match self {
+            Retained::Readings => "readings",
+            Retained::Rollups => "rollups_1m",
+            Retained::Snapshots => "snapshots",
+        }
+    }
+}
+
+/// Most rows one prune transaction deletes: a prune is a series of short transactions,
+/// and writers get in between (with SQLite, the writer lock is released after each).
+pub const PRUNE_CHUNK: u64 = 5_000;
+
+/// What one [`Store::prune`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    /// Rows deleted.
+    pub deleted: u64,
+    /// Transactions committed (recording the horizon, then at most [`PRUNE_CHUNK`] rows
+    /// each).
+    pub chunks: u64,
+    /// The longest of those transactions: the longest stretch the prune held SQLite's
+    /// writer (others' commits wait that long at most), or ran one PostgreSQL statement.
+    pub longest_pause: std::time::Duration,
+}
+
+impl PruneReport {
+    pub(crate) fn chunk(&mut self, deleted: u64, pause: std::time::Duration) {
+        self.deleted += deleted;
+        self.chunks += 1;
+        self.longest_pause = self.longest_pause.max(pause);
+    }
+}
+
+/// How often a store re-reads the raw horizon from the database, to learn of prunes made
+/// by another process on the same database.
+const HORIZON_REFRESH: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The raw retention horizon as this process knows it (see [`Store::raw_horizon`]): read
+/// at open, advanced by this store's prunes, and re-read every [`HORIZON_REFRESH`].
+pub(crate) struct RawHorizon {
+    /// Unix microseconds; `i64::MIN` while nothing was ever pruned.
+    micros: std::sync::atomic::AtomicI64,
+    /// When the database was last asked.
+    checked: std::sync::Mutex<std::time::Instant>,
+}
+
+impl RawHorizon {
+    pub(crate) fn new(stored: Option<i64>) -> Self {
+        RawHorizon {
+            micros: std::sync::atomic::AtomicI64::new(stored.unwrap_or(i64::MIN)),
+            checked: std::sync::Mutex::new(std::time::Instant::now()),
+        }
+    }
+
+    pub(crate) fn get(&self) -> Option<Timestamp> {
+        let micros = self.micros.load(std::sync::atomic::Ordering::SeqCst);
+        (micros != i64::MIN).then(|| Timestamp::from_micros(micros))
+    }
+
+    /// Moves the horizon forward to `to` (never back).
+    pub(crate) fn advance(&self, to: Option<i64>) {
+        if let Some(to) = to {
+            self.micros
+                .fetch_max(to, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// True when the database should be asked again; then the caller does it, and other
+    /// callers keep using the value in memory meanwhile.
+    pub(crate) fn refresh_due(&self) -> bool {
+        let Ok(mut checked) = self.checked.lock() else {
+            return false;
+        };
+        if checked.elapsed() < HORIZON_REFRESH {
+            return false;
+        }
+        *checked = std::time::Instant::now();
+        true
+    }
+
+    /// The records of `batch` at or after the horizon (borrowed when that is all of them).
+    /// Older ones may have been pruned already: writing them again would store them a
+    /// second time and count them twice in the rollups.
+    pub(crate) fn admit<'a>(&self, batch: &'a [Record]) -> std::borrow::Cow<'a, [Record]> {
+        let horizon = self.micros.load(std::sync::atomic::Ordering::SeqCst);
+        let newer = |r: &Record| r.reading.ts.as_micros() >= horizon;
+        if batch.iter().all(newer) {
+            return std::borrow::Cow::Borrowed(batch);
+        }
+        let kept: Vec<Record> = batch.iter().filter(|r| newer(r)).cloned().collect();
+        tracing::info!(
+            skipped = batch.len() - kept.len(),
+            horizon = %Timestamp::from_micros(horizon),
+            "skipped readings older than the raw retention horizon (already pruned or about to be)"
+        );
+        std::borrow::Cow::Owned(kept)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("sqlite: {0}")]
@@ -86,16 +255,51 @@ pub enum StoreError {
     /// sequence beyond `i64`, a timestamp outside PostgreSQL's range). Nothing was written.
     #[error("invalid data: {0}")]
     Invalid(String),
+    /// A read named a device and sensor that has several series (tag sets).
+    #[error("{0}")]
+    Ambiguous(String),
 }
 
 impl StoreError {
     /// True when retrying the same write later may succeed (connection lost, database
-    /// busy). Callers leave the messages unacknowledged so JetStream redelivers them.
+    /// busy or out of space). False when the data itself is refused (text the database
+    /// cannot hold, a value out of range, a row too large) or the request is wrong: the
+    /// collectors then isolate the message that causes it and dead-letter it.
     pub fn is_transient(&self) -> bool {
-        !matches!(
-            self,
-            StoreError::Migration { .. } | StoreError::Url { .. } | StoreError::Invalid(_)
-        )
+        match self {
+            StoreError::Migration { .. }
+            | StoreError::Url { .. }
+            | StoreError::Invalid(_)
+            | StoreError::Ambiguous(_) => false,
+            StoreError::Sqlite(e) => sqlite_is_transient(e),
+            StoreError::Postgres(e) => postgres_is_transient(e),
+            StoreError::Pool(_) | StoreError::Task(_) => true,
+        }
+    }
+}
+
+/// SQLite: busy, locked, I/O, full disk and the like pass; a constraint, a value or a
+/// row the database refuses does not. Errors rusqlite raises itself (a conversion) are
+/// about the data too.
+fn sqlite_is_transient(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode as C;
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) => !matches!(
+            f.code,
+            C::ConstraintViolation | C::TooBig | C::TypeMismatch | C::ParameterOutOfRange
+        ),
+        _ => false,
+    }
+}
+
+/// PostgreSQL: errors of SQLSTATE class 22 (data exception: a NUL in text, a value out of
+/// range), 23 (integrity constraint) and 54 (program limit exceeded: a row too large for
+/// an index) are about the data; the rest (connection, shutdown, disk full, lock
+/// timeouts, serialization) may pass. An error without a SQLSTATE is a lost connection.
+fn postgres_is_transient(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
+        Some(state) => !matches!(&state.code()[..2], "22" | "23" | "54"),
+        None => true,
     }
 }
 
@@ -114,17 +318,64 @@ pub trait Store: Send + Sync + 'static {
     /// Durably and idempotently writes one tick's snapshot rows. Returns how many were new.
     async fn write_snapshots(&self, rows: &[Snapshot]) -> Result<u64>;
 
+    /// The series of `device` (of one sensor, or all), ordered by sensor then tags, at most
+    /// [`MAX_SERIES_LISTED`].
+    async fn series(&self, device: &str, sensor: Option<&str>) -> Result<Vec<SeriesInfo>>;
+
     /// Raw readings of one series in `range`, oldest first, at most `limit`.
+    async fn series_history(
+        &self,
+        key: &SeriesKey<'_>,
+        range: Range,
+        limit: usize,
+    ) -> Result<Vec<Point>>;
+
+    /// Per-minute rollups of one series whose minute starts in `range`, oldest first.
+    async fn series_rollups(&self, key: &SeriesKey<'_>, range: Range) -> Result<Vec<Rollup>>;
+
+    /// Like [`Store::series_history`] for the one series of `device`'s `sensor`, whatever
+    /// its tags: empty when there is none, an error naming the tag sets when there are
+    /// several.
     async fn history(
         &self,
         device: &str,
         sensor: &str,
         range: Range,
         limit: usize,
-    ) -> Result<Vec<Point>>;
+    ) -> Result<Vec<Point>> {
+        match self.only_series(device, sensor).await? {
+            Some(s) => self.series_history(&s.key(), range, limit).await,
+            None => Ok(Vec::new()),
+        }
+    }
 
-    /// Per-minute rollups of one series whose minute starts in `range`, oldest first.
-    async fn rollups(&self, device: &str, sensor: &str, range: Range) -> Result<Vec<Rollup>>;
+    /// Like [`Store::series_rollups`] for the one series of `device`'s `sensor`; see
+    /// [`Store::history`].
+    async fn rollups(&self, device: &str, sensor: &str, range: Range) -> Result<Vec<Rollup>> {
+        match self.only_series(device, sensor).await? {
+            Some(s) => self.series_rollups(&s.key(), range).await,
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// The one series of `device`'s `sensor`, `None` when there is none, an error when
+    /// tags tell several apart.
+    async fn only_series(&self, device: &str, sensor: &str) -> Result<Option<SeriesInfo>> {
+        let mut found = self.series(device, Some(sensor)).await?;
+        match found.len() {
+            0 | 1 => Ok(found.pop()),
+            n => Err(StoreError::Ambiguous(format!(
+                "{device}/{sensor} has {n} series, told apart by their tags ({}); name one \
+                 with its tags",
+                found
+                    .iter()
+                    .take(5)
+                    .map(|s| series::tags_to_json(&s.tags))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
 
     /// Snapshot rows in `range` (of one device, or all), oldest first, at most `limit`.
     async fn snapshots(
@@ -138,8 +389,32 @@ pub trait Store: Send + Sync + 'static {
     async fn count_readings(&self) -> Result<u64>;
 
     /// Deletes raw readings older than `before` (rollups and snapshots are kept). Returns
-    /// how many were deleted.
+    /// how many were deleted. The backends do it as [`Store::prune`] of
+    /// [`Retained::Readings`] does: in chunks, after recording the raw horizon.
     async fn prune_readings(&self, before: Timestamp) -> Result<u64>;
+
+    /// Deletes the rows of `what` older than `before` in transactions of at most
+    /// [`PRUNE_CHUNK`] rows, so that writers get in between. First it records `before` as
+    /// the table's retention horizon (a horizon never moves back); for readings that is
+    /// [`Store::raw_horizon`], and writes skip readings older than it from then on.
+    async fn prune(&self, what: Retained, before: Timestamp) -> Result<PruneReport> {
+        let _ = before;
+        Err(StoreError::Task(format!(
+            "the {} store cannot prune {}",
+            self.kind(),
+            what.table()
+        )))
+    }
+
+    /// The raw retention horizon: raw readings older than it may have been pruned, so a
+    /// range that starts before it is answered from the rollups. `None` while no raw
+    /// reading was ever pruned. Read from the database, so it includes prunes made by
+    /// other processes. [`Store::write_readings`] skips readings older than the horizon
+    /// (as this process last read it): a redelivery of pruned data would otherwise be
+    /// stored again and counted twice in the rollups.
+    async fn raw_horizon(&self) -> Result<Option<Timestamp>> {
+        Ok(None)
+    }
 
     /// Checks the store answers.
     async fn ping(&self) -> Result<()>;

@@ -17,9 +17,12 @@ use tokio_postgres::NoTls;
 
 use crate::migrations::{self, POSTGRES as MIGRATIONS};
 use crate::series::{
-    check_records, check_snapshots, tags_to_json, Pending, Plan, Resolved, SeriesCache,
+    check_records, check_snapshots, tags_from_json, Pending, Plan, Resolved, SeriesCache,
 };
-use crate::{Point, Range, Record, Result, Rollup, Snapshot, Store, StoreError};
+use crate::{
+    Point, Range, Record, Result, Rollup, SeriesInfo, SeriesKey, Snapshot, Store, StoreError,
+    MAX_SERIES_LISTED,
+};
 
 /// Connections kept by the pool.
 const POOL_SIZE: usize = 16;
@@ -32,6 +35,7 @@ const MIGRATION_LOCK: i64 = 0x666c_6565_7470_6970; // "fleetpip"
 pub struct PgStore {
     pool: Pool,
     series: std::sync::Arc<SeriesCache>,
+    horizon: std::sync::Arc<crate::RawHorizon>,
 }
 
 impl PgStore {
@@ -60,13 +64,72 @@ impl PgStore {
         let store = PgStore {
             pool,
             series: Default::default(),
+            horizon: std::sync::Arc::new(crate::RawHorizon::new(None)),
         };
         store.migrate().await?;
+        store.horizon.advance(store.load_raw_horizon().await?);
         Ok(store)
+    }
+
+    /// Like [`PgStore::connect`], with a pool of its own of at most `pool_size`
+    /// connections (at least one), for a second handle on the same database whose work
+    /// must neither wait for the first one's connections nor hold them: the HTTP API in
+    /// `fleetpipe up` reads through a small pool next to the collectors' (see
+    /// `fleetpipe_api::open_store`). Connects as `connect` does (migrations, state), then
+    /// swaps in the pool: a connection more, for a moment, at start.
+    pub async fn connect_with(url: &str, pool_size: usize) -> Result<Self> {
+        let store = Self::connect(url).await?;
+        let config: tokio_postgres::Config = url.parse().map_err(|e| StoreError::Url {
+            url: redact(url),
+            reason: format!("{e}"),
+        })?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(30)))
+            .create_timeout(Some(Duration::from_secs(10)))
+            .build()
+            .map_err(|e| StoreError::Pool(e.to_string()))?;
+        Ok(PgStore { pool, ..store })
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Client> {
         self.pool.get().await.map_err(pool_error)
+    }
+
+    /// The raw horizon stored by the last prune of readings, if any (Unix µs).
+    async fn load_raw_horizon(&self) -> Result<Option<i64>> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT horizon FROM retention_horizons WHERE name = $1",
+                &[&crate::Retained::Readings.table()],
+            )
+            .await?;
+        Ok(match row {
+            Some(row) => Some(row.try_get::<_, PgTimestamp>(0)?.0),
+            None => None,
+        })
+    }
+
+    /// What of `batch` to write: the readings at or after the raw horizon (see
+    /// [`crate::RawHorizon::admit`]), re-read from the database now and then, as other
+    /// processes prune it too.
+    async fn admit<'a>(&self, batch: &'a [Record]) -> std::borrow::Cow<'a, [Record]> {
+        if self.horizon.refresh_due() {
+            match self.load_raw_horizon().await {
+                Ok(stored) => self.horizon.advance(stored),
+                Err(e) => tracing::debug!(error = %e, "cannot re-read the raw horizon"),
+            }
+        }
+        self.horizon.admit(batch)
     }
 
     async fn migrate(&self) -> Result<()> {
@@ -240,21 +303,23 @@ WITH ins AS (
 )
 SELECT count(*) FROM ins";
 
+/// The ids of series `(device, sensor, tags)`, each returned with its position (from 1)
+/// in the arrays. jsonb equality compares tags as a set.
 const SELECT_SERIES: &str = "
-SELECT s.id, s.device, s.sensor, s.unit, s.tags::text
-FROM UNNEST($1::text[], $2::text[]) AS k(device, sensor)
-JOIN series s ON s.device = k.device AND s.sensor = k.sensor";
+SELECT s.id, s.unit, k.i
+FROM UNNEST($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS k(device, sensor, tags, i)
+JOIN series s ON s.device = k.device AND s.sensor = k.sensor AND s.tags = k.tags::jsonb";
 
 const INSERT_SERIES: &str = "
 INSERT INTO series (device, sensor, unit, tags)
 SELECT device, sensor, unit, tags::jsonb
 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS u(device, sensor, unit, tags)
-ON CONFLICT (device, sensor) DO NOTHING
-RETURNING id, device, sensor";
+ON CONFLICT (device, sensor, tags) DO NOTHING
+RETURNING id, device, sensor, tags::text";
 
 const UPDATE_SERIES: &str = "
-UPDATE series AS s SET unit = u.unit, tags = u.tags::jsonb
-FROM UNNEST($1::bigint[], $2::text[], $3::text[]) AS u(id, unit, tags)
+UPDATE series AS s SET unit = u.unit
+FROM UNNEST($1::bigint[], $2::text[]) AS u(id, unit)
 WHERE s.id = u.id";
 
 /// Rounds of look-up-then-insert before giving up on resolving series ids. A round only
@@ -262,35 +327,36 @@ WHERE s.id = u.id";
 /// second round finds it.
 const RESOLVE_ROUNDS: usize = 3;
 
-/// Finds or creates the batch's pending series, and updates those whose unit or tags
-/// changed. Each statement commits on its own: a series row without readings is harmless.
+/// Finds or creates the batch's pending series, and updates those whose unit changed.
+/// Each statement commits on its own: a series row without readings is harmless.
 async fn resolve_series(
     client: &deadpool_postgres::Client,
     pending: &[Pending],
 ) -> Result<Vec<Resolved>> {
-    let index: HashMap<(&str, &str), usize> = pending
-        .iter()
-        .enumerate()
-        .map(|(i, p)| ((p.device.as_str(), p.sensor.as_str()), i))
-        .collect();
     // Sorted, so concurrent writers creating overlapping sets of series lock their keys
     // in the same order and cannot deadlock.
     let mut missing: Vec<usize> = (0..pending.len()).collect();
-    missing.sort_unstable_by_key(|&i| (&pending[i].device, &pending[i].sensor));
+    missing.sort_unstable_by_key(|&i| {
+        (
+            &pending[i].device,
+            &pending[i].sensor,
+            &pending[i].tags_json,
+        )
+    });
     let mut resolved: Vec<Option<Resolved>> = vec![None; pending.len()];
     let mut updates = Vec::new();
     for _ in 0..RESOLVE_ROUNDS {
-        let keys = |set: &[usize]| -> (Vec<&str>, Vec<&str>) {
-            set.iter()
-                .map(|&i| (pending[i].device.as_str(), pending[i].sensor.as_str()))
-                .unzip()
-        };
-        let (devices, sensors) = keys(&missing);
+        let (devices, sensors, tags) = keys(pending, &missing);
         let stmt = client.prepare_cached(SELECT_SERIES).await?;
-        for row in client.query(&stmt, &[&devices, &sensors]).await? {
-            let key = (row.try_get::<_, &str>(1)?, row.try_get::<_, &str>(2)?);
-            let Some(&i) = index.get(&key) else { continue };
-            let merged = pending[i].merge(row.try_get(0)?, row.try_get(3)?, row.try_get(4)?);
+        for row in client.query(&stmt, &[&devices, &sensors, &tags]).await? {
+            let position: i64 = row.try_get(2)?;
+            let Some(&i) = usize::try_from(position - 1)
+                .ok()
+                .and_then(|p| missing.get(p))
+            else {
+                continue;
+            };
+            let merged = pending[i].merge(row.try_get(0)?, row.try_get(1)?);
             if merged.changed {
                 updates.push(merged.resolved.clone());
             }
@@ -300,23 +366,35 @@ async fn resolve_series(
         if missing.is_empty() {
             break;
         }
-        let (devices, sensors) = keys(&missing);
+        let (devices, sensors, tags) = keys(pending, &missing);
         let units: Vec<Option<&str>> = missing
             .iter()
             .map(|&i| pending[i].unit.as_deref())
             .collect();
-        let tags: Vec<String> = missing
-            .iter()
-            .map(|&i| tags_to_json(&pending[i].tags))
-            .collect();
         let stmt = client.prepare_cached(INSERT_SERIES).await?;
-        for row in client
+        // Rows come back for the series this statement created; the others (created
+        // meanwhile by another writer) are found by the next round's select.
+        let created = client
             .query(&stmt, &[&devices, &sensors, &units, &tags])
-            .await?
-        {
-            let key = (row.try_get::<_, &str>(1)?, row.try_get::<_, &str>(2)?);
-            if let Some(&i) = index.get(&key) {
-                resolved[i] = Some(pending[i].created(row.try_get(0)?));
+            .await?;
+        let mut by_key: HashMap<(&str, &str), Vec<(String, i64)>> = HashMap::new();
+        for row in &created {
+            by_key
+                .entry((row.try_get(1)?, row.try_get(2)?))
+                .or_default()
+                .push((row.try_get(3)?, row.try_get(0)?));
+        }
+        for &i in &missing {
+            let p = &pending[i];
+            let Some(rows) = by_key.get(&(p.device.as_str(), p.sensor.as_str())) else {
+                continue;
+            };
+            // jsonb prints its own text; compare as parsed tags.
+            if let Some((_, id)) = rows
+                .iter()
+                .find(|(t, _)| tags_from_json(t).as_slice() == &p.tags[..])
+            {
+                resolved[i] = Some(p.created(*id));
             }
         }
         missing.retain(|&i| resolved[i].is_none());
@@ -328,9 +406,8 @@ async fn resolve_series(
         updates.sort_unstable_by_key(|r| r.id);
         let ids: Vec<i64> = updates.iter().map(|r| r.id).collect();
         let units: Vec<Option<&str>> = updates.iter().map(|r| r.unit.as_deref()).collect();
-        let tags: Vec<String> = updates.iter().map(|r| tags_to_json(&r.tags)).collect();
         let stmt = client.prepare_cached(UPDATE_SERIES).await?;
-        client.execute(&stmt, &[&ids, &units, &tags]).await?;
+        client.execute(&stmt, &[&ids, &units]).await?;
     }
     resolved
         .into_iter()
@@ -342,9 +419,83 @@ async fn resolve_series(
         })
 }
 
+/// Devices, sensors and tags (as JSON) of `set`, as statement arrays.
+fn keys<'a>(pending: &'a [Pending], set: &[usize]) -> (Vec<&'a str>, Vec<&'a str>, Vec<&'a str>) {
+    let mut out = (Vec::new(), Vec::new(), Vec::new());
+    for &i in set {
+        let p = &pending[i];
+        out.0.push(p.device.as_str());
+        out.1.push(p.sensor.as_str());
+        out.2.push(p.tags_json.as_str());
+    }
+    out
+}
+
 fn limit_param(limit: usize) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
 }
+
+/// Records a table's retention horizon (`$1` its name); it never moves back.
+const RECORD_HORIZON: &str = "
+INSERT INTO retention_horizons AS h (name, horizon) VALUES ($1, $2)
+ON CONFLICT (name) DO UPDATE SET horizon = GREATEST(h.horizon, EXCLUDED.horizon)
+RETURNING horizon";
+
+// One prune chunk: at most `$3` rows older than `$2`, deleted by one statement. Readings
+// and rollups are walked series by series from series id `$1` on, along their primary key
+// (no index on time alone: it would cost every insert), and the statement returns how many
+// rows it deleted and the last series it reached, where the next chunk starts. Snapshots
+// are walked along their `ts` index.
+const PRUNE_READINGS: &str = "
+WITH doomed AS (
+    SELECT r.series_id, r.ts, r.seq
+    FROM series s
+    CROSS JOIN LATERAL (
+        SELECT series_id, ts, seq FROM readings
+        WHERE series_id = s.id AND ts < $2
+        ORDER BY ts, seq
+        LIMIT $3
+    ) r
+    WHERE s.id >= $1
+    ORDER BY s.id
+    LIMIT $3
+), gone AS (
+    DELETE FROM readings d USING doomed
+    WHERE d.series_id = doomed.series_id AND d.ts = doomed.ts AND d.seq = doomed.seq
+    RETURNING d.series_id
+)
+SELECT count(*), max(series_id) FROM gone";
+
+const PRUNE_ROLLUPS: &str = "
+WITH doomed AS (
+    SELECT r.series_id, r.minute
+    FROM series s
+    CROSS JOIN LATERAL (
+        SELECT series_id, minute FROM rollups_1m
+        WHERE series_id = s.id AND minute < $2
+        ORDER BY minute
+        LIMIT $3
+    ) r
+    WHERE s.id >= $1
+    ORDER BY s.id
+    LIMIT $3
+), gone AS (
+    DELETE FROM rollups_1m d USING doomed
+    WHERE d.series_id = doomed.series_id AND d.minute = doomed.minute
+    RETURNING d.series_id
+)
+SELECT count(*), max(series_id) FROM gone";
+
+// Needs no cursor: returns `$1` back.
+const PRUNE_SNAPSHOTS: &str = "
+WITH doomed AS (
+    SELECT device, ts FROM snapshots WHERE ts < $2 ORDER BY ts LIMIT $3
+), gone AS (
+    DELETE FROM snapshots d USING doomed
+    WHERE d.device = doomed.device AND d.ts = doomed.ts
+    RETURNING 1
+)
+SELECT count(*), $1::bigint FROM gone";
 
 #[async_trait::async_trait]
 impl Store for PgStore {
@@ -353,6 +504,8 @@ impl Store for PgStore {
     }
 
     async fn write_readings(&self, batch: &[Record]) -> Result<u64> {
+        let admitted = self.admit(batch).await;
+        let batch = &admitted[..];
         if batch.is_empty() {
             return Ok(0);
         }
@@ -433,10 +586,34 @@ impl Store for PgStore {
         Ok(client.execute(&stmt, &[&devices, &ts, &values]).await?)
     }
 
-    async fn history(
+    async fn series(&self, device: &str, sensor: Option<&str>) -> Result<Vec<SeriesInfo>> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT device, sensor, tags::text, unit FROM series
+                 WHERE device = $1 AND ($2::text IS NULL OR sensor = $2)
+                 ORDER BY sensor, tags
+                 LIMIT $3",
+            )
+            .await?;
+        let rows = client
+            .query(&stmt, &[&device, &sensor, &limit_param(MAX_SERIES_LISTED)])
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SeriesInfo {
+                    device: r.try_get(0)?,
+                    sensor: r.try_get(1)?,
+                    tags: tags_from_json(r.try_get(2)?).into(),
+                    unit: r.try_get(3)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn series_history(
         &self,
-        device: &str,
-        sensor: &str,
+        key: &SeriesKey<'_>,
         range: Range,
         limit: usize,
     ) -> Result<Vec<Point>> {
@@ -444,21 +621,24 @@ impl Store for PgStore {
         let stmt = client
             .prepare_cached(
                 "SELECT ts, value, quality FROM readings
-                 WHERE series_id = (SELECT id FROM series WHERE device = $1 AND sensor = $2)
+                 WHERE series_id = (SELECT id FROM series
+                                    WHERE device = $1 AND sensor = $2 AND tags = $6::text::jsonb)
                    AND ts >= $3 AND ts < $4
                  ORDER BY ts, seq
                  LIMIT $5",
             )
             .await?;
+        let tags = key.tags_json();
         let rows = client
             .query(
                 &stmt,
                 &[
-                    &device,
-                    &sensor,
+                    &key.device,
+                    &key.sensor,
                     &PgTimestamp::from(range.from),
                     &PgTimestamp::from(range.to),
                     &limit_param(limit),
+                    &tags,
                 ],
             )
             .await?;
@@ -473,24 +653,27 @@ impl Store for PgStore {
             .collect()
     }
 
-    async fn rollups(&self, device: &str, sensor: &str, range: Range) -> Result<Vec<Rollup>> {
+    async fn series_rollups(&self, key: &SeriesKey<'_>, range: Range) -> Result<Vec<Rollup>> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(
                 "SELECT minute, count, sum, min, max, last FROM rollups_1m
-                 WHERE series_id = (SELECT id FROM series WHERE device = $1 AND sensor = $2)
+                 WHERE series_id = (SELECT id FROM series
+                                    WHERE device = $1 AND sensor = $2 AND tags = $5::text::jsonb)
                    AND minute >= $3 AND minute < $4
                  ORDER BY minute",
             )
             .await?;
+        let tags = key.tags_json();
         let rows = client
             .query(
                 &stmt,
                 &[
-                    &device,
-                    &sensor,
+                    &key.device,
+                    &key.sensor,
                     &PgTimestamp::from(range.from),
                     &PgTimestamp::from(range.to),
+                    &tags,
                 ],
             )
             .await?;
@@ -574,15 +757,47 @@ impl Store for PgStore {
     }
 
     async fn prune_readings(&self, before: Timestamp) -> Result<u64> {
+        Ok(self.prune(crate::Retained::Readings, before).await?.deleted)
+    }
+
+    async fn prune(&self, what: crate::Retained, before: Timestamp) -> Result<crate::PruneReport> {
+        let before = PgTimestamp::from(before);
+        let mut report = crate::PruneReport::default();
         let client = self.client().await?;
-        // No index on ts alone: it would cost every insert, and pruning is rare. This
-        // scans the table; partitioning by time is the fix if that becomes too slow.
-        Ok(client
-            .execute(
-                "DELETE FROM readings WHERE ts < $1",
-                &[&PgTimestamp::from(before)],
-            )
-            .await?)
+        // The horizon first: from then on, writes skip what this prune deletes.
+        let start = std::time::Instant::now();
+        let horizon: PgTimestamp = client
+            .query_one(RECORD_HORIZON, &[&what.table(), &before])
+            .await?
+            .try_get(0)?;
+        report.chunk(0, start.elapsed());
+        if what == crate::Retained::Readings {
+            self.horizon.advance(Some(horizon.0));
+        }
+        let sql = match what {
+            crate::Retained::Readings => PRUNE_READINGS,
+            crate::Retained::Rollups => PRUNE_ROLLUPS,
+            crate::Retained::Snapshots => PRUNE_SNAPSHOTS,
+        };
+        let stmt = client.prepare_cached(sql).await?;
+        let limit = i64::try_from(crate::PRUNE_CHUNK).unwrap_or(i64::MAX);
+        // One statement, so one short transaction, per chunk.
+        let mut from = i64::MIN;
+        loop {
+            let start = std::time::Instant::now();
+            let row = client.query_one(&stmt, &[&from, &before, &limit]).await?;
+            let deleted = u64::try_from(row.try_get::<_, i64>(0)?).unwrap_or(0);
+            report.chunk(deleted, start.elapsed());
+            match row.try_get::<_, Option<i64>>(1)? {
+                Some(last) if deleted >= crate::PRUNE_CHUNK => from = last,
+                _ => return Ok(report),
+            }
+        }
+    }
+
+    async fn raw_horizon(&self) -> Result<Option<Timestamp>> {
+        self.horizon.advance(self.load_raw_horizon().await?);
+        Ok(self.horizon.get())
     }
 
     async fn ping(&self) -> Result<()> {

@@ -1,16 +1,18 @@
 //! What both backends share on the write path: checking a batch, and the in-process cache
 //! of series ids that lets a batch of known series go to the database without a lookup.
 //!
-//! A series is one `(device, sensor)` pair. Its row also holds the latest unit and tags a
-//! device sent; a reading that carries none leaves them as they are, so a device mixing
-//! plain and JSON payloads does not make them flip back and forth.
+//! A series is one `(device, sensor, tags)`: two readings that differ only in a tag value
+//! belong to two series (as in InfluxDB and Prometheus). Tags are stored as a JSON object
+//! with sorted keys, the one canonical text both backends compare. The row also holds the
+//! latest unit a device sent; a reading that carries none leaves it as it is, so a device
+//! mixing plain and JSON payloads does not make it flip back and forth.
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
 use std::sync::Mutex;
 
-use fleetpipe_proto::Timestamp;
+use fleetpipe_proto::{canonical_tags, Tags, Timestamp};
 
 use crate::{Record, Result, Snapshot, StoreError};
 
@@ -105,23 +107,14 @@ pub(crate) fn tags_from_json(json: &str) -> Vec<(String, String)> {
     }
 }
 
-/// Sorts tags by key, the last value of a repeated key winning.
-fn normalize_tags(tags: &[(String, String)]) -> Vec<(String, String)> {
-    let map: BTreeMap<&str, &str> = tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    map.into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-/// What the cache knows about one series: its id, and fingerprints of the unit and tags
-/// of its committed row (16 bytes, where the strings themselves took well over 100: a
-/// fleet of 520,000 devices × 5 sensors is 2.6 million entries). A fingerprint only
-/// decides whether to rewrite the row's unit and tags, so 32 bits are plenty.
+/// What the cache knows about one series: its id, and a fingerprint of the unit of its
+/// committed row (16 bytes with the key's padding, where the strings themselves took well
+/// over 100: a fleet of 520,000 devices × 5 sensors is 2.6 million entries). The
+/// fingerprint only decides whether to rewrite the row's unit, so 32 bits are plenty.
 #[derive(Debug, Clone, Copy)]
 struct Cached {
     id: i64,
     unit: u32,
-    tags: u32,
 }
 
 /// How a reading of a batch refers to its series.
@@ -138,10 +131,12 @@ pub(crate) enum SeriesRef {
 pub(crate) struct Pending {
     pub device: String,
     pub sensor: String,
+    /// Canonical (sorted by name, one value per name): part of the series' identity.
+    pub tags: Tags,
+    /// The same as stored, a JSON object with sorted keys.
+    pub tags_json: String,
     /// The latest unit the batch carries for it, if any.
     pub unit: Option<String>,
-    /// The latest non-empty tags the batch carries for it, sorted; empty if none.
-    pub tags: Vec<(String, String)>,
 }
 
 /// The row a pending series ends up with, to be remembered once committed.
@@ -149,7 +144,6 @@ pub(crate) struct Pending {
 pub(crate) struct Resolved {
     pub id: i64,
     pub unit: Option<String>,
-    pub tags: Vec<(String, String)>,
 }
 
 /// A pending series merged with the row found in the database.
@@ -160,18 +154,12 @@ pub(crate) struct Merged {
 }
 
 impl Pending {
-    /// Merges with the stored row: what the batch carries wins, what it lacks is kept.
-    pub(crate) fn merge(&self, id: i64, db_unit: Option<String>, db_tags: &str) -> Merged {
-        let db_tags = tags_from_json(db_tags);
+    /// Merges with the stored row: a unit the batch carries wins, none keeps the stored one.
+    pub(crate) fn merge(&self, id: i64, db_unit: Option<String>) -> Merged {
         let unit = self.unit.clone().or(db_unit.clone());
-        let tags = if self.tags.is_empty() {
-            db_tags.clone()
-        } else {
-            self.tags.clone()
-        };
-        let changed = unit != db_unit || tags != db_tags;
+        let changed = unit != db_unit;
         Merged {
-            resolved: Resolved { id, unit, tags },
+            resolved: Resolved { id, unit },
             changed,
         }
     }
@@ -181,7 +169,6 @@ impl Pending {
         Resolved {
             id,
             unit: self.unit.clone(),
-            tags: self.tags.clone(),
         }
     }
 }
@@ -204,17 +191,17 @@ impl Plan {
     }
 }
 
-/// In-process cache `(device, sensor) → series`, shared by every write.
+/// In-process cache `(device, sensor, tags) → series`, shared by every write.
 ///
 /// It only ever holds committed rows (entries are added after the transaction that wrote
 /// them commits) and series rows are never deleted, so an entry is never stale in a way
-/// that matters: at worst its unit or tags lag behind a concurrent writer's, and the next
-/// reading that carries a different one updates the row again.
+/// that matters: at worst its unit lags behind a concurrent writer's, and the next reading
+/// that carries a different one updates the row again.
 ///
-/// Keys are 128-bit fingerprints of `(device, sensor)` under keys drawn at random for each
-/// process, not the strings: devices choose their names, but cannot compute a collision
-/// without the keys, and an accidental one among billions of series has a probability
-/// below 10⁻¹⁸. Units and tags are kept as fingerprints, only to notice a change.
+/// Keys are 128-bit fingerprints of `(device, sensor, tags)` under keys drawn at random for
+/// each process, not the strings: devices choose their names, but cannot compute a
+/// collision without the keys, and an accidental one among billions of series has a
+/// probability below 10⁻¹⁸. Units are kept as fingerprints, only to notice a change.
 #[derive(Debug, Default)]
 pub(crate) struct SeriesCache {
     // A std mutex: lookups and inserts are short, never held across an await, and a
@@ -231,24 +218,23 @@ struct Fingerprints {
 }
 
 impl Fingerprints {
-    fn series(&self, device: &str, sensor: &str) -> u128 {
-        let key = (device, sensor);
+    /// Of canonical tags (see [`fleetpipe_proto::canonical_tags`]).
+    fn series(&self, device: &str, sensor: &str, tags: &[(String, String)]) -> u128 {
+        let key = (device, sensor, tags);
         (u128::from(self.high.hash_one(key)) << 64) | u128::from(self.low.hash_one(key))
     }
 
     fn unit(&self, unit: Option<&str>) -> u32 {
         self.low.hash_one(unit) as u32
     }
+}
 
-    /// Of the tags as a set (normalised: sorted by key, the last value of a repeated key
-    /// winning), so the order a device sends them in does not matter.
-    fn tags(&self, tags: &[(String, String)]) -> u32 {
-        let h = if tags.windows(2).all(|w| w[0].0 < w[1].0) {
-            self.low.hash_one(tags)
-        } else {
-            self.low.hash_one(normalize_tags(tags))
-        };
-        h as u32
+/// `tags` in canonical form, without a copy when they already are (the decoder's are).
+fn canonical(tags: &Tags) -> Tags {
+    if tags.windows(2).all(|w| w[0].0 < w[1].0) {
+        tags.clone()
+    } else {
+        canonical_tags(tags)
     }
 }
 
@@ -264,34 +250,32 @@ impl SeriesCache {
             refs: Vec::with_capacity(batch.len()),
             pending: Vec::new(),
         };
-        let mut pending_index: HashMap<(&str, &str), usize> = HashMap::new();
+        let mut pending_index: HashMap<u128, usize> = HashMap::new();
         for record in batch {
             let r = &record.reading;
             let f = &self.hashers;
-            let hit = map.get(&f.series(&r.device, &r.sensor)).filter(|c| {
-                (r.unit.is_none() || f.unit(r.unit.as_deref()) == c.unit)
-                    && (r.tags.is_empty() || f.tags(&r.tags) == c.tags)
-            });
+            let tags = canonical(&r.tags);
+            let key = f.series(&r.device, &r.sensor, &tags);
+            let hit = map
+                .get(&key)
+                .filter(|c| r.unit.is_none() || f.unit(r.unit.as_deref()) == c.unit);
             if let Some(c) = hit {
                 plan.refs.push(SeriesRef::Id(c.id));
                 continue;
             }
-            let key = (r.device.as_str(), r.sensor.as_str());
             let idx = *pending_index.entry(key).or_insert_with(|| {
                 plan.pending.push(Pending {
                     device: r.device.clone(),
                     sensor: r.sensor.clone(),
+                    tags_json: tags_to_json(&tags),
+                    tags,
                     unit: None,
-                    tags: Vec::new(),
                 });
                 plan.pending.len() - 1
             });
             let p = &mut plan.pending[idx];
             if r.unit.is_some() {
                 p.unit.clone_from(&r.unit);
-            }
-            if !r.tags.is_empty() {
-                p.tags = normalize_tags(&r.tags);
             }
             plan.refs.push(SeriesRef::Pending(idx));
         }
@@ -307,11 +291,10 @@ impl SeriesCache {
         let f = &self.hashers;
         for (p, r) in pending.iter().zip(resolved) {
             map.insert(
-                f.series(&p.device, &p.sensor),
+                f.series(&p.device, &p.sensor, &p.tags),
                 Cached {
                     id: r.id,
                     unit: f.unit(r.unit.as_deref()),
-                    tags: f.tags(&r.tags),
                 },
             );
         }
@@ -330,24 +313,48 @@ mod tests {
             .collect()
     }
 
+    /// Tags are part of a series' identity, compared as a set.
     #[test]
-    fn tag_equality() {
+    fn series_identity() {
         let cached = t(&[("line", "3"), ("site", "a")]);
         let cases: &[(&[(&str, &str)], bool)] = &[
             (&[("line", "3"), ("site", "a")], true),
             (&[("site", "a"), ("line", "3")], true),
             (&[("site", "a"), ("line", "4")], false),
             (&[("site", "a")], false),
+            (&[], false),
             (&[("site", "a"), ("site", "a")], false),
             (&[("site", "b"), ("line", "3"), ("site", "a")], true),
             (&[("site", "a"), ("line", "3"), ("zone", "1")], false),
         ];
         let f = Fingerprints::default();
+        let key = |tags: &[(String, String)]| f.series("d", "s", &canonical(&tags.into()));
         for (given, want) in cases {
-            assert_eq!(f.tags(&t(given)) == f.tags(&cached), *want, "{given:?}");
+            assert_eq!(key(&t(given)) == key(&cached), *want, "{given:?}");
         }
-        assert_ne!(f.series("a", "b.c"), f.series("a.b", "c"));
+        assert_ne!(f.series("a", "b.c", &[]), f.series("a.b", "c", &[]));
         assert_ne!(f.unit(None), f.unit(Some("")));
+    }
+
+    #[test]
+    fn readings_differing_only_in_a_tag_are_two_series() {
+        let cache = SeriesCache::default();
+        let record = |cpu: &str| Record {
+            seq: 1,
+            reading: fleetpipe_proto::Reading {
+                device: "h1".into(),
+                sensor: "cpu.usage_idle".into(),
+                value: 1.0,
+                ts: Timestamp::from_micros(0),
+                unit: None,
+                quality: None,
+                tags: t(&[("cpu", cpu), ("host", "h1")]).into(),
+            },
+        };
+        let batch = [record("cpu0"), record("cpu1"), record("cpu0")];
+        let plan = cache.plan(&batch).unwrap();
+        assert_eq!(plan.pending.len(), 2);
+        assert_eq!(plan.pending[1].tags_json, r#"{"cpu":"cpu1","host":"h1"}"#);
     }
 
     #[test]

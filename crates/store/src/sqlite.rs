@@ -23,10 +23,13 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBeha
 
 use crate::migrations::{self, SQLITE as MIGRATIONS};
 use crate::series::{
-    check_records, check_snapshots, minute_of, tags_to_json, Pending, Plan, Resolved, SeriesCache,
-    SeriesRef,
+    check_records, check_snapshots, minute_of, tags_from_json, Pending, Plan, Resolved,
+    SeriesCache, SeriesRef,
 };
-use crate::{Point, Range, Record, Result, Rollup, Snapshot, Store, StoreError};
+use crate::{
+    Point, Range, Record, Result, Rollup, SeriesInfo, SeriesKey, Snapshot, Store, StoreError,
+    MAX_SERIES_LISTED,
+};
 
 /// How long a statement waits for another process's lock before failing with "busy".
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -51,6 +54,7 @@ const NO_QUALITY: u32 = u32::MAX;
 #[derive(Clone)]
 pub struct SqliteStore {
     inner: Arc<Inner>,
+    horizon: Arc<crate::RawHorizon>,
 }
 
 struct Inner {
@@ -146,10 +150,28 @@ impl SqliteStore {
     /// `:memory:` gives a private in-memory database, handy in tests.
     pub async fn open(path: &str) -> Result<Self> {
         let path = path.to_string();
-        let inner = blocking(move || Inner::open(path)).await?;
+        let inner = Arc::new(blocking(move || Inner::open(path)).await?);
+        let stored = {
+            let inner = Arc::clone(&inner);
+            blocking(move || inner.read(load_raw_horizon)).await?
+        };
         Ok(SqliteStore {
-            inner: Arc::new(inner),
+            inner,
+            horizon: Arc::new(crate::RawHorizon::new(stored)),
         })
+    }
+
+    /// What of `batch` to write: the readings at or after the raw horizon (see
+    /// [`crate::RawHorizon::admit`]), re-read from the database now and then, as another
+    /// process may prune it too.
+    async fn admit<'a>(&self, batch: &'a [Record]) -> std::borrow::Cow<'a, [Record]> {
+        if self.horizon.refresh_due() {
+            match self.read(load_raw_horizon).await {
+                Ok(stored) => self.horizon.advance(stored),
+                Err(e) => tracing::debug!(error = %e, "cannot re-read the raw horizon"),
+            }
+        }
+        self.horizon.admit(batch)
     }
 
     async fn read<T, F>(&self, f: F) -> Result<T>
@@ -507,36 +529,32 @@ fn resolve_series(tx: &Connection, pending: &[Pending]) -> Result<Vec<Resolved>>
     if pending.is_empty() {
         return Ok(out);
     }
-    let mut select =
-        tx.prepare_cached("SELECT id, unit, tags FROM series WHERE device = ?1 AND sensor = ?2")?;
+    let mut select = tx.prepare_cached(
+        "SELECT id, unit FROM series WHERE device = ?1 AND sensor = ?2 AND tags = ?3",
+    )?;
     let mut insert = tx.prepare_cached(
         "INSERT INTO series (device, sensor, unit, tags) VALUES (?1, ?2, ?3, ?4) RETURNING id",
     )?;
-    let mut update = tx.prepare_cached("UPDATE series SET unit = ?2, tags = ?3 WHERE id = ?1")?;
+    let mut update = tx.prepare_cached("UPDATE series SET unit = ?2 WHERE id = ?1")?;
     for p in pending {
         let found = select
-            .query_row(params![p.device, p.sensor], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, Option<String>>(1)?,
-                    r.get::<_, String>(2)?,
-                ))
+            .query_row(params![p.device, p.sensor, p.tags_json], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?))
             })
             .optional()?;
         let resolved = match found {
-            Some((id, unit, tags)) => {
-                let merged = p.merge(id, unit, &tags);
+            Some((id, unit)) => {
+                let merged = p.merge(id, unit);
                 if merged.changed {
-                    let r = &merged.resolved;
-                    update.execute(params![id, r.unit, tags_to_json(&r.tags)])?;
+                    update.execute(params![id, merged.resolved.unit])?;
                 }
                 merged.resolved
             }
             None => {
-                let id: i64 = insert.query_row(
-                    params![p.device, p.sensor, p.unit, tags_to_json(&p.tags)],
-                    |r| r.get(0),
-                )?;
+                let id: i64 = insert
+                    .query_row(params![p.device, p.sensor, p.unit, p.tags_json], |r| {
+                        r.get(0)
+                    })?;
                 p.created(id)
             }
         };
@@ -561,6 +579,67 @@ fn parse_values(device: &str, json: &str) -> Result<std::collections::BTreeMap<S
     })
 }
 
+/// Records a table's retention horizon (`?1` its name, `?2` Unix µs); it never moves back.
+const RECORD_HORIZON: &str = "INSERT INTO retention_horizons (name, horizon) VALUES (?1, ?2)
+     ON CONFLICT (name) DO UPDATE SET horizon = max(horizon, excluded.horizon)
+     RETURNING horizon";
+
+// One prune chunk: at most `?3` rows older than `?2`. Readings and rollups are walked series
+// by series from series id `?1` on, along their primary key (`CROSS JOIN` keeps `series`
+// the outer loop), and return the series of each deleted row, so that the next chunk
+// starts where this one stopped. Snapshots are walked along their `ts` index.
+const PRUNE_READINGS: &str = "DELETE FROM readings WHERE (series_id, ts, seq) IN (
+         SELECT r.series_id, r.ts, r.seq FROM series s CROSS JOIN readings r ON r.series_id = s.id
+         WHERE s.id >= ?1 AND r.ts < ?2 ORDER BY s.id LIMIT ?3)
+     RETURNING series_id";
+const PRUNE_ROLLUPS: &str = "DELETE FROM rollups_1m WHERE (series_id, minute) IN (
+         SELECT r.series_id, r.minute FROM series s CROSS JOIN rollups_1m r ON r.series_id = s.id
+         WHERE s.id >= ?1 AND r.minute < ?2 ORDER BY s.id LIMIT ?3)
+     RETURNING series_id";
+// Needs no cursor: returns `?1` back.
+const PRUNE_SNAPSHOTS: &str = "DELETE FROM snapshots WHERE (device, ts) IN (
+         SELECT device, ts FROM snapshots WHERE ts < ?2 ORDER BY ts LIMIT ?3)
+     RETURNING ?1";
+
+/// Deletes one chunk (see [`PRUNE_READINGS`]) in one transaction. Returns how many rows
+/// it deleted and the last series it reached.
+fn prune_chunk(
+    conn: &mut Connection,
+    what: crate::Retained,
+    before: i64,
+    from: i64,
+) -> Result<(u64, i64)> {
+    let sql = match what {
+        crate::Retained::Readings => PRUNE_READINGS,
+        crate::Retained::Rollups => PRUNE_ROLLUPS,
+        crate::Retained::Snapshots => PRUNE_SNAPSHOTS,
+    };
+    let limit = i64::try_from(crate::PRUNE_CHUNK).unwrap_or(i64::MAX);
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let (mut deleted, mut last) = (0u64, from);
+    {
+        let mut stmt = tx.prepare_cached(sql)?;
+        let mut rows = stmt.query(params![from, before, limit])?;
+        while let Some(row) = rows.next()? {
+            deleted += 1;
+            last = last.max(row.get(0)?);
+        }
+    }
+    tx.commit()?;
+    Ok((deleted, last))
+}
+
+/// The raw horizon stored by the last prune of readings, if any.
+fn load_raw_horizon(conn: &Connection) -> Result<Option<i64>> {
+    Ok(conn
+        .query_row(
+            "SELECT horizon FROM retention_horizons WHERE name = ?1",
+            [crate::Retained::Readings.table()],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
 #[async_trait::async_trait]
 impl Store for SqliteStore {
     fn kind(&self) -> &'static str {
@@ -568,6 +647,8 @@ impl Store for SqliteStore {
     }
 
     async fn write_readings(&self, batch: &[Record]) -> Result<u64> {
+        let admitted = self.admit(batch).await;
+        let batch = &admitted[..];
         if batch.is_empty() {
             return Ok(0);
         }
@@ -607,18 +688,47 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn history(
+    async fn series(&self, device: &str, sensor: Option<&str>) -> Result<Vec<SeriesInfo>> {
+        let (device, sensor) = (device.to_string(), sensor.map(str::to_string));
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT device, sensor, tags, unit FROM series
+                 WHERE device = ?1 AND (?2 IS NULL OR sensor = ?2)
+                 ORDER BY sensor, tags
+                 LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(
+                params![device, sensor, limit_param(MAX_SERIES_LISTED)],
+                |r| {
+                    Ok(SeriesInfo {
+                        device: r.get(0)?,
+                        sensor: r.get(1)?,
+                        tags: tags_from_json(&r.get::<_, String>(2)?).into(),
+                        unit: r.get(3)?,
+                    })
+                },
+            )?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn series_history(
         &self,
-        device: &str,
-        sensor: &str,
+        key: &SeriesKey<'_>,
         range: Range,
         limit: usize,
     ) -> Result<Vec<Point>> {
-        let (device, sensor) = (device.to_string(), sensor.to_string());
+        let (device, sensor, tags) = (
+            key.device.to_string(),
+            key.sensor.to_string(),
+            key.tags_json(),
+        );
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT ts, value, quality FROM readings
-                 WHERE series_id = (SELECT id FROM series WHERE device = ?1 AND sensor = ?2)
+                 WHERE series_id = (SELECT id FROM series
+                                    WHERE device = ?1 AND sensor = ?2 AND tags = ?6)
                    AND ts >= ?3 AND ts < ?4
                  ORDER BY ts, seq
                  LIMIT ?5",
@@ -629,7 +739,8 @@ impl Store for SqliteStore {
                     sensor,
                     range.from.as_micros(),
                     range.to.as_micros(),
-                    limit_param(limit)
+                    limit_param(limit),
+                    tags
                 ],
                 |r| {
                     Ok(Point {
@@ -644,17 +755,28 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn rollups(&self, device: &str, sensor: &str, range: Range) -> Result<Vec<Rollup>> {
-        let (device, sensor) = (device.to_string(), sensor.to_string());
+    async fn series_rollups(&self, key: &SeriesKey<'_>, range: Range) -> Result<Vec<Rollup>> {
+        let (device, sensor, tags) = (
+            key.device.to_string(),
+            key.sensor.to_string(),
+            key.tags_json(),
+        );
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT minute, count, sum, min, max, last FROM rollups_1m
-                 WHERE series_id = (SELECT id FROM series WHERE device = ?1 AND sensor = ?2)
+                 WHERE series_id = (SELECT id FROM series
+                                    WHERE device = ?1 AND sensor = ?2 AND tags = ?5)
                    AND minute >= ?3 AND minute < ?4
                  ORDER BY minute",
             )?;
             let rows = stmt.query_map(
-                params![device, sensor, range.from.as_micros(), range.to.as_micros()],
+                params![
+                    device,
+                    sensor,
+                    range.from.as_micros(),
+                    range.to.as_micros(),
+                    tags
+                ],
                 |r| {
                     let count: i64 = r.get(1)?;
                     let sum: f64 = r.get(2)?;
@@ -729,17 +851,48 @@ impl Store for SqliteStore {
     }
 
     async fn prune_readings(&self, before: Timestamp) -> Result<u64> {
-        self.write(move |_, conn| {
-            // Naming every series lets SQLite walk the primary key (series_id, ts) per
-            // series instead of scanning the whole table.
-            let n = conn.execute(
-                "DELETE FROM readings
-                 WHERE series_id IN (SELECT id FROM series) AND ts < ?1",
-                [before.as_micros()],
-            )?;
-            Ok(n as u64)
-        })
-        .await
+        Ok(self.prune(crate::Retained::Readings, before).await?.deleted)
+    }
+
+    async fn prune(&self, what: crate::Retained, before: Timestamp) -> Result<crate::PruneReport> {
+        let before = before.as_micros();
+        let mut report = crate::PruneReport::default();
+        // The horizon first: from then on, writes skip what this prune deletes.
+        let (horizon, pause) = self
+            .write(move |_, conn| {
+                let start = std::time::Instant::now();
+                let horizon: i64 =
+                    conn.query_row(RECORD_HORIZON, params![what.table(), before], |r| r.get(0))?;
+                Ok((horizon, start.elapsed()))
+            })
+            .await?;
+        report.chunk(0, pause);
+        if what == crate::Retained::Readings {
+            self.horizon.advance(Some(horizon));
+        }
+        // One short transaction per chunk; the writer lock is released in between, so
+        // the collectors' commits wait for one chunk at most.
+        let mut from = i64::MIN;
+        loop {
+            let (deleted, last, pause) = self
+                .write(move |_, conn| {
+                    let start = std::time::Instant::now();
+                    let (deleted, last) = prune_chunk(conn, what, before, from)?;
+                    Ok((deleted, last, start.elapsed()))
+                })
+                .await?;
+            report.chunk(deleted, pause);
+            if deleted < crate::PRUNE_CHUNK {
+                return Ok(report);
+            }
+            from = last;
+        }
+    }
+
+    async fn raw_horizon(&self) -> Result<Option<Timestamp>> {
+        let stored = self.read(load_raw_horizon).await?;
+        self.horizon.advance(stored);
+        Ok(self.horizon.get())
     }
 
     async fn ping(&self) -> Result<()> {
@@ -778,7 +931,7 @@ mod tests {
                     ts: Timestamp::from_micros(1_700_000_000_000_000 + i as i64),
                     unit: None,
                     quality: None,
-                    tags: Vec::new(),
+                    tags: Default::default(),
                 },
             })
             .collect();
@@ -816,7 +969,7 @@ mod tests {
                         ts: Timestamp::from_micros(1_700_000_000_000_000 + commits as i64),
                         unit: None,
                         quality: None,
-                        tags: Vec::new(),
+                        tags: Default::default(),
                     },
                 })
                 .collect();
@@ -848,23 +1001,34 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn prune_walks_the_primary_key() {
+    async fn prune_chunks_walk_the_keys() {
         let store = SqliteStore::open(":memory:").await.unwrap();
         let conn = store.inner.writer().unwrap();
-        let plan: Vec<String> = conn
-            .prepare(
-                "EXPLAIN QUERY PLAN DELETE FROM readings
-                 WHERE series_id IN (SELECT id FROM series) AND ts < 0",
-            )
-            .unwrap()
-            .query_map([], |r| r.get::<_, String>(3))
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
-            .unwrap();
-        assert!(
-            plan.iter()
-                .any(|step| step.contains("PRIMARY KEY (series_id=? AND ts<?)")),
-            "{plan:?}"
-        );
+        let cases = [
+            (PRUNE_READINGS, "r USING PRIMARY KEY (series_id=? AND ts<?)"),
+            (
+                PRUNE_ROLLUPS,
+                "r USING PRIMARY KEY (series_id=? AND minute<?)",
+            ),
+            (
+                PRUNE_SNAPSHOTS,
+                "snapshots USING COVERING INDEX snapshots_ts (ts<?)",
+            ),
+        ];
+        for (sql, walk) in cases {
+            let plan: Vec<String> = conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap()
+                .query_map(params![0, 0, 10], |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap();
+            assert!(plan.iter().any(|step| step.contains(walk)), "{plan:?}");
+            // Every table access is a search: no chunk scans a table.
+            assert!(
+                !plan.iter().any(|step| step.starts_with("SCAN")),
+                "{plan:?}"
+            );
+        }
     }
 }

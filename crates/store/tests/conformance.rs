@@ -4,12 +4,11 @@
 //! into one test per backend: SQLite in a temporary directory, and PostgreSQL in a
 //! throwaway cluster (one per test binary while tests overlap, one database per test).
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use fleetpipe_proto::{Reading, Timestamp};
-use fleetpipe_store::{open, Point, Range, Record, Rollup, Snapshot, Store, StoreError};
+use fleetpipe_store::{open, Point, Range, Record, Rollup, SeriesKey, Snapshot, Store, StoreError};
 use fleetpipe_testkit::PgServer;
 
 /// 2026-02-15T10:00:00Z, on a minute boundary.
@@ -42,7 +41,7 @@ fn rec(device: &str, sensor: &str, seq: u64, at: i64, value: f64) -> Record {
             ts: ts(at),
             unit: None,
             quality: None,
-            tags: Vec::new(),
+            tags: Default::default(),
         },
     }
 }
@@ -54,11 +53,21 @@ fn with_quality(mut r: Record, q: &str) -> Record {
 
 fn with_unit(mut r: Record, unit: &str, tags: &[(&str, &str)]) -> Record {
     r.reading.unit = Some(unit.into());
+    with_tags(r, tags)
+}
+
+fn with_tags(mut r: Record, tags: &[(&str, &str)]) -> Record {
     r.reading.tags = tags
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     r
+}
+
+fn tag_vec(tags: &[(&str, &str)]) -> Vec<(String, String)> {
+    tags.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 fn point(at: i64, value: f64, quality: Option<&str>) -> Point {
@@ -129,6 +138,29 @@ impl Backend {
         let store = open(&self.url).await.expect("open store");
         assert_eq!(store.kind(), self.kind);
         store
+    }
+
+    /// Runs statements (several, `;`-separated) for their effect.
+    async fn exec(&self, sql: &str) {
+        if self.kind == "sqlite" {
+            let path = self.url.trim_start_matches("sqlite://").to_string();
+            if let Some(dir) = std::path::Path::new(&path).parent() {
+                std::fs::create_dir_all(dir).expect("create dir");
+            }
+            let sql = sql.to_string();
+            tokio::task::spawn_blocking(move || {
+                let conn = rusqlite::Connection::open(path).expect("raw sqlite");
+                conn.execute_batch(&sql).expect("exec");
+            })
+            .await
+            .expect("raw sqlite task")
+        } else {
+            let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+                .await
+                .expect("raw postgres");
+            tokio::spawn(conn);
+            client.batch_execute(sql).await.expect("exec");
+        }
     }
 
     /// First column of the first row of `sql`, as text (`None` for NULL or no row).
@@ -206,10 +238,14 @@ conformance!(
     newer_schema_is_refused,
     many_series_in_one_batch,
     odd_names_stay_distinct,
-    unit_and_tags_follow_the_latest,
+    unit_follows_the_latest_and_tags_tell_series_apart,
+    readings_differing_only_in_a_tag_are_all_stored,
+    a_v1_database_keeps_its_data,
     invalid_batches_are_refused_whole,
     concurrent_overlapping_writers_count_once,
     empty_batches_are_fine,
+    redelivery_after_prune_counts_once,
+    prune_is_chunked,
 );
 
 async fn round_trip_is_exact(b: &Backend) {
@@ -563,9 +599,10 @@ async fn reopening_applies_nothing_twice(b: &Backend) {
     drop((first, second));
     let again = b.open().await;
     assert_eq!(again.count_readings().await.unwrap(), 1);
+    // Each version once.
     assert_eq!(
         b.sql("SELECT count(*) FROM schema_migrations").await,
-        Some("1".into())
+        b.sql("SELECT max(version) FROM schema_migrations").await,
     );
 }
 
@@ -672,41 +709,21 @@ async fn odd_names_stay_distinct(b: &Backend) {
         .is_empty());
 }
 
-async fn unit_and_tags_follow_the_latest(b: &Backend) {
+async fn unit_follows_the_latest_and_tags_tell_series_apart(b: &Backend) {
     let store = b.open().await;
     let unit = || b.sql("SELECT unit FROM series WHERE device = 'd' AND sensor = 's'");
-    let tags = || async {
-        let text = b
-            .sql("SELECT tags FROM series WHERE device = 'd' AND sensor = 's'")
-            .await
-            .expect("tags");
-        serde_json::from_str::<BTreeMap<String, String>>(&text).expect("tags are an object")
-    };
-    let map = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    };
-
-    let first = with_unit(
-        rec("d", "s", 1, T0, 1.0),
-        "mm/s",
-        &[("site", "a"), ("line", "3")],
-    );
+    let a3 = [("site", "a"), ("line", "3")];
+    let first = with_unit(rec("d", "s", 1, T0, 1.0), "mm/s", &a3);
     store.write_readings(&[first]).await.unwrap();
     assert_eq!(unit().await, Some("mm/s".into()));
-    assert_eq!(tags().await, map(&[("line", "3"), ("site", "a")]));
 
-    // A reading without unit or tags (a plain payload) leaves them alone.
-    store
-        .write_readings(&[rec("d", "s", 2, T0 + SEC, 2.0)])
-        .await
-        .unwrap();
+    // A reading without a unit (a plain payload) leaves it alone.
+    let plain = with_tags(rec("d", "s", 2, T0 + SEC, 2.0), &a3);
+    assert_eq!(store.write_readings(&[plain]).await.unwrap(), 1);
     assert_eq!(unit().await, Some("mm/s".into()));
-    assert_eq!(tags().await, map(&[("line", "3"), ("site", "a")]));
 
-    // Tags in another order are the same tags; a new unit replaces the old one.
+    // Tags in another order are the same tags, so the same series; a new unit replaces
+    // the old one.
     let changed = with_unit(
         rec("d", "s", 3, T0 + 2 * SEC, 3.0),
         "in/s",
@@ -714,19 +731,133 @@ async fn unit_and_tags_follow_the_latest(b: &Backend) {
     );
     store.write_readings(&[changed]).await.unwrap();
     assert_eq!(unit().await, Some("in/s".into()));
-    assert_eq!(tags().await, map(&[("line", "3"), ("site", "a")]));
-
-    // Another store on the same database (a fresh cache) sees and updates the same row.
-    let other = b.open().await;
-    let moved = with_unit(
-        rec("d", "s", 4, T0 + 3 * SEC, 4.0),
-        "in/s",
-        &[("site", "b")],
-    );
-    other.write_readings(&[moved]).await.unwrap();
-    assert_eq!(tags().await, map(&[("site", "b")]));
     assert_eq!(b.sql("SELECT count(*) FROM series").await, Some("1".into()));
-    assert_eq!(other.count_readings().await.unwrap(), 4);
+
+    // Another store on the same database (a fresh cache) finds the same series.
+    let other = b.open().await;
+    let again = with_tags(
+        rec("d", "s", 4, T0 + 3 * SEC, 4.0),
+        &[("site", "a"), ("line", "3")],
+    );
+    assert_eq!(other.write_readings(&[again]).await.unwrap(), 1);
+    assert_eq!(b.sql("SELECT count(*) FROM series").await, Some("1".into()));
+
+    // One tag value differs: another series, even with the same time and sequence.
+    let line4 = with_tags(
+        rec("d", "s", 4, T0 + 3 * SEC, 5.0),
+        &[("site", "a"), ("line", "4")],
+    );
+    assert_eq!(other.write_readings(&[line4]).await.unwrap(), 1);
+    assert_eq!(b.sql("SELECT count(*) FROM series").await, Some("2".into()));
+    let a3_tags = tag_vec(&a3);
+    let key = SeriesKey::new("d", "s").with_tags(&a3_tags);
+    let values: Vec<f64> = store
+        .series_history(&key, all_time(), 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.value)
+        .collect();
+    assert_eq!(values, [1.0, 2.0, 3.0, 4.0]);
+    let line4_tags = tag_vec(&[("line", "4"), ("site", "a")]);
+    let key4 = SeriesKey::new("d", "s").with_tags(&line4_tags);
+    assert_eq!(
+        store.series_history(&key4, all_time(), 100).await.unwrap(),
+        [point(T0 + 3 * SEC, 5.0, None)]
+    );
+    assert_eq!(
+        store.series_rollups(&key4, all_time()).await.unwrap()[0].count,
+        1
+    );
+    // Naming the sensor alone is ambiguous now, and says why.
+    let err = store.history("d", "s", all_time(), 10).await.unwrap_err();
+    assert!(!err.is_transient());
+    assert!(err.to_string().contains("2 series"), "{err}");
+    let listed = store.series("d", Some("s")).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(&listed[0].tags[..], &a3_tags_sorted()[..]);
+    assert_eq!(listed[0].unit.as_deref(), Some("in/s"));
+    assert!(store.series("d", Some("x")).await.unwrap().is_empty());
+    assert_eq!(store.series("d", None).await.unwrap().len(), 2);
+}
+
+fn a3_tags_sorted() -> Vec<(String, String)> {
+    tag_vec(&[("line", "3"), ("site", "a")])
+}
+
+/// Telegraf's case: one message (one sequence), one timestamp, lines that differ only in
+/// a tag. Every reading is its own series; none is a "duplicate".
+async fn readings_differing_only_in_a_tag_are_all_stored(b: &Backend) {
+    let store = b.open().await;
+    let mut batch = Vec::new();
+    for cpu in ["cpu0", "cpu1", "cpu2", "cpu3"] {
+        for (field, v) in [("usage_idle", 90.5), ("usage_user", 0.25)] {
+            batch.push(with_tags(
+                rec("h1", &format!("cpu.{field}"), 7, T0, v),
+                &[("cpu", cpu), ("host", "h1")],
+            ));
+        }
+    }
+    batch.push(with_tags(
+        rec("h1", "mem.used_percent", 7, T0, 42.5),
+        &[("host", "h1")],
+    ));
+    assert_eq!(store.write_readings(&batch).await.unwrap(), 9);
+    assert_eq!(store.count_readings().await.unwrap(), 9);
+    // Redelivered: nothing new.
+    assert_eq!(store.write_readings(&batch).await.unwrap(), 0);
+    assert_eq!(store.series("h1", None).await.unwrap().len(), 9);
+    let cpu2 = tag_vec(&[("host", "h1"), ("cpu", "cpu2")]);
+    let key = SeriesKey::new("h1", "cpu.usage_user").with_tags(&cpu2);
+    assert_eq!(
+        store.series_history(&key, all_time(), 10).await.unwrap(),
+        [point(T0, 0.25, None)]
+    );
+}
+
+/// A database written by the version before tags identified series keeps its data.
+async fn a_v1_database_keeps_its_data(b: &Backend) {
+    let (init, tags) = if b.kind == "sqlite" {
+        (
+            include_str!("../migrations/sqlite/0001_init.sql"),
+            r#"'{"site":"a"}'"#,
+        )
+    } else {
+        (
+            include_str!("../migrations/postgres/0001_init.sql"),
+            r#"'{"site":"a"}'::jsonb"#,
+        )
+    };
+    let (ts0, applied_at, now) = if b.kind == "sqlite" {
+        (T0.to_string(), "TEXT NOT NULL", "'2026-01-01T00:00:00Z'")
+    } else {
+        (
+            format!("to_timestamp({T0} / 1e6)"),
+            "timestamptz NOT NULL DEFAULT now()",
+            "now()",
+        )
+    };
+    b.exec(&format!(
+        "{init};
+         CREATE TABLE schema_migrations (version integer PRIMARY KEY, applied_at {applied_at});
+         INSERT INTO schema_migrations (version, applied_at) VALUES (1, {now});
+         INSERT INTO series (id, device, sensor, unit, tags) VALUES (7, 'd', 's', 'V', {tags});
+         INSERT INTO readings (series_id, ts, seq, value) VALUES (7, {ts0}, 1, 1.5);"
+    ))
+    .await;
+    let store = b.open().await;
+    let site_a = tag_vec(&[("site", "a")]);
+    let key = SeriesKey::new("d", "s").with_tags(&site_a);
+    assert_eq!(
+        store.series_history(&key, all_time(), 10).await.unwrap(),
+        [point(T0, 1.5, None)]
+    );
+    // Its readings still deduplicate, and another tag value is another series now.
+    let same = with_tags(rec("d", "s", 1, T0, 1.5), &[("site", "a")]);
+    assert_eq!(store.write_readings(&[same]).await.unwrap(), 0);
+    let site_b = with_tags(rec("d", "s", 1, T0, 2.5), &[("site", "b")]);
+    assert_eq!(store.write_readings(&[site_b]).await.unwrap(), 1);
+    assert_eq!(b.sql("SELECT count(*) FROM series").await, Some("2".into()));
 }
 
 async fn invalid_batches_are_refused_whole(b: &Backend) {
@@ -817,6 +948,129 @@ async fn empty_batches_are_fine(b: &Backend) {
         .await
         .unwrap()
         .is_empty());
+}
+
+async fn redelivery_after_prune_counts_once(b: &Backend) {
+    use fleetpipe_store::Retained;
+    let store = b.open().await;
+    assert_eq!(store.raw_horizon().await.unwrap(), None);
+    // Two minutes, a reading every 10 s; the first minute is pruned.
+    let batch: Vec<Record> = (0..12u64)
+        .map(|k| rec("d", "s", k + 1, T0 + k as i64 * 10 * SEC, k as f64))
+        .collect();
+    assert_eq!(store.write_readings(&batch).await.unwrap(), 12);
+    let counts = |rollups: Vec<Rollup>| -> Vec<u64> { rollups.iter().map(|r| r.count).collect() };
+    let rollups = store.rollups("d", "s", all_time()).await.unwrap();
+    assert_eq!(counts(rollups.clone()), vec![6, 6]);
+
+    let report = store.prune(Retained::Readings, ts(T0 + MIN)).await.unwrap();
+    assert_eq!(report.deleted, 6);
+    assert_eq!(store.raw_horizon().await.unwrap(), Some(ts(T0 + MIN)));
+    // The same records again (a redelivery): the pruned half is skipped, the rest known.
+    assert_eq!(store.write_readings(&batch).await.unwrap(), 0);
+    assert_eq!(store.count_readings().await.unwrap(), 6);
+    assert_eq!(store.rollups("d", "s", all_time()).await.unwrap(), rollups);
+
+    // A new reading older than the horizon is not stored either; a newer one is.
+    let late = [
+        rec("d", "s", 100, T0 + 5 * SEC, 1.0),
+        rec("d", "s", 101, T0 + MIN + 5 * SEC, 2.0),
+    ];
+    assert_eq!(store.write_readings(&late).await.unwrap(), 1);
+    assert_eq!(
+        counts(store.rollups("d", "s", all_time()).await.unwrap()),
+        vec![6, 7]
+    );
+
+    // Another process on the same database knows the horizon from the start.
+    let other = b.open().await;
+    assert_eq!(other.write_readings(&batch).await.unwrap(), 0);
+    assert_eq!(other.raw_horizon().await.unwrap(), Some(ts(T0 + MIN)));
+    assert_eq!(
+        counts(other.rollups("d", "s", all_time()).await.unwrap()),
+        vec![6, 7]
+    );
+
+    // The horizon never moves back; pruning other tables leaves it alone.
+    store.prune(Retained::Readings, ts(T0)).await.unwrap();
+    store
+        .prune(Retained::Rollups, ts(T0 + 2 * MIN))
+        .await
+        .unwrap();
+    assert_eq!(store.raw_horizon().await.unwrap(), Some(ts(T0 + MIN)));
+}
+
+/// Prunes 200,000 readings (and rollups and snapshots) in chunks, and prints how long the
+/// longest chunk held the writer: a figure to read, not a test of speed.
+async fn prune_is_chunked(b: &Backend) {
+    use fleetpipe_store::{Retained, PRUNE_CHUNK};
+    const SERIES: u64 = 100;
+    // 2,000 readings a second apart per series before the cutoff, one after.
+    const OLD: u64 = 2_000;
+    let store = b.open().await;
+    let mut seq = 0;
+    for first in (0..SERIES).step_by(10) {
+        let mut batch = Vec::new();
+        for series in first..first + 10 {
+            for k in 0..=OLD {
+                seq += 1;
+                let device = format!("dev-{series:03}");
+                batch.push(rec(&device, "v", seq, T0 + k as i64 * SEC, k as f64));
+            }
+        }
+        assert_eq!(
+            store.write_readings(&batch).await.unwrap(),
+            batch.len() as u64
+        );
+    }
+    let cutoff = T0 + OLD as i64 * SEC;
+    let report = store.prune(Retained::Readings, ts(cutoff)).await.unwrap();
+    println!(
+        "{}: pruned {} readings in {} transactions; longest pause {:?}",
+        b.kind, report.deleted, report.chunks, report.longest_pause
+    );
+    assert_eq!(report.deleted, SERIES * OLD);
+    assert!(
+        report.chunks > SERIES * OLD / PRUNE_CHUNK,
+        "{report:?}: chunks of at most {PRUNE_CHUNK}"
+    );
+    assert_eq!(store.count_readings().await.unwrap(), SERIES);
+    let left = store.history("dev-042", "v", all_time(), 10).await.unwrap();
+    assert_eq!(left, vec![point(cutoff, OLD as f64, None)]);
+
+    // Rollups by the start of their minute: each series covers minutes 0 to 33.
+    let report = store
+        .prune(Retained::Rollups, ts(T0 + 10 * MIN))
+        .await
+        .unwrap();
+    assert_eq!(report.deleted, SERIES * 10);
+    let rollups = store.rollups("dev-099", "v", all_time()).await.unwrap();
+    assert_eq!(rollups.len(), 24);
+    assert_eq!(rollups[0].minute, ts(T0 + 10 * MIN));
+
+    // Snapshots: 12 ticks of 1,000 devices, the first 6 pruned.
+    for tick in 0..12 {
+        let rows: Vec<Snapshot> = (0..1000)
+            .map(|d| snap(&format!("dev-{d:04}"), T0 + tick * SEC, &[("v", 1.0)]))
+            .collect();
+        store.write_snapshots(&rows).await.unwrap();
+    }
+    let report = store
+        .prune(Retained::Snapshots, ts(T0 + 6 * SEC))
+        .await
+        .unwrap();
+    assert_eq!(report.deleted, 6000);
+    let first = store.snapshots(None, all_time(), 1).await.unwrap();
+    assert_eq!(first[0].ts, ts(T0 + 6 * SEC));
+    assert_eq!(
+        store
+            .prune(Retained::Snapshots, ts(T0 + 6 * SEC))
+            .await
+            .unwrap()
+            .deleted,
+        0
+    );
+    assert_eq!(store.raw_horizon().await.unwrap(), Some(ts(cutoff)));
 }
 
 // Backend-specific checks.

@@ -241,7 +241,7 @@ async fn write_fleet(store: &dyn Store, now: Timestamp) {
                         ts: at,
                         unit: Some(unit.into()),
                         quality: None,
-                        tags: Vec::new(),
+                        tags: Default::default(),
                     },
                 });
             }

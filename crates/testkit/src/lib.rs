@@ -15,8 +15,12 @@ pub use postgres::PgServer;
 
 /// A TCP port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
+    try_free_port().expect("bind an ephemeral port on 127.0.0.1")
+}
+
+/// [`free_port`] for callers that report the failure rather than panic (`fleetpipe bench`).
+pub fn try_free_port() -> std::io::Result<u16> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
-        .expect("bind an ephemeral port on 127.0.0.1")
 }

@@ -6,10 +6,11 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::Json;
 use fleetpipe_proto::{is_valid_token, Timestamp};
-use fleetpipe_store::{Range, Rollup};
+use fleetpipe_store::{Point, Range, Rollup};
 
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ErrorBody, UnavailableResponse};
 use crate::index::{ListQuery, SensorLookup, SortKey};
+use crate::limits::QuerySlot;
 use crate::model::{Device, DeviceList, Series, SeriesPoint, SeriesSource};
 use crate::params::{
     micros, parse_choice, parse_duration, parse_instant, parse_uint, truncate, Params,
@@ -66,6 +67,7 @@ fn not_found(id: &str) -> ApiError {
     responses(
         (status = 200, description = "A page of devices and the number matching in all.", body = DeviceList),
         (status = 400, description = "A parameter is unknown, repeated or invalid.", body = ErrorBody),
+        (status = 503, response = UnavailableResponse),
     )
 )]
 pub async fn list(
@@ -120,7 +122,10 @@ pub async fn list(
         limit: limit as usize,
         offset: offset as usize,
     };
-    let (total, items) = st.index.list(&q, st.online());
+    // Off the async threads: filtering and sorting may walk every device.
+    let (total, items) = st
+        .index_pass(move |index, online| index.list(&q, online))
+        .await?;
     Ok(Json(DeviceList {
         total,
         limit,
@@ -239,6 +244,62 @@ pub fn merge_rollups(rollups: &[Rollup], bucket_us: i64) -> Vec<SeriesPoint> {
         .collect()
 }
 
+/// The range of rollups a series in buckets of `bucket_us` reads: from the start of the
+/// bucket holding `from` (so its first minutes are not left out) to `to`; a 400 when it
+/// holds more than `max_rows` minutes (one rollup row per minute at most), which bounds the
+/// rows read whatever the store holds.
+pub fn rollup_range(
+    from: Timestamp,
+    to: Timestamp,
+    bucket_us: i64,
+    max_rows: u64,
+) -> Result<Range, ApiError> {
+    let start = from.as_micros() - from.as_micros().rem_euclid(bucket_us);
+    let span = u64::try_from(to.as_micros().saturating_sub(start)).unwrap_or(0);
+    let rows = span.div_ceil(MINUTE_US as u64);
+    if rows > max_rows {
+        let fits = max_rows as f64 / (24.0 * 60.0);
+        return Err(ApiError::bad(format!(
+            "the range needs {rows} per-minute rollups (from {} to {to}, in buckets of {} s), \
+             more than the {max_rows} one request may read (about {fits:.1} days); ask for a \
+             shorter range or split it",
+            Timestamp::from_micros(start),
+            bucket_us / 1_000_000,
+        )));
+    }
+    Ok(Range {
+        from: Timestamp::from_micros(start),
+        to,
+    })
+}
+
+/// Raw readings of a series through the request's query slot: at most [`RAW_CAP`] + 1.
+async fn read_history(
+    st: &AppState,
+    slot: &QuerySlot,
+    device: &str,
+    sensor: &str,
+    range: Range,
+) -> Result<Vec<Point>, ApiError> {
+    let (store, device, sensor) = (st.store.clone(), device.to_string(), sensor.to_string());
+    slot.read(async move { store.history(&device, &sensor, range, RAW_CAP + 1).await })
+        .await
+}
+
+/// Per-minute rollups of a series through the request's query slot; `range` comes from
+/// [`rollup_range`], which bounds the rows.
+async fn read_rollups(
+    st: &AppState,
+    slot: &QuerySlot,
+    device: &str,
+    sensor: &str,
+    range: Range,
+) -> Result<Vec<Rollup>, ApiError> {
+    let (store, device, sensor) = (st.store.clone(), device.to_string(), sensor.to_string());
+    slot.read(async move { store.rollups(&device, &sensor, range).await })
+        .await
+}
+
 /// History of one sensor: raw readings or per-minute rollups, chosen by the server.
 #[utoipa::path(
     get,
@@ -254,7 +315,14 @@ pub fn merge_rollups(rollups: &[Rollup], bucket_us: i64) -> Vec<SeriesPoint> {
         * `raw` otherwise: every stored reading in the range, oldest first, as `ts` and \
         `value`.\n\n\
         `from` and `to` are RFC 3339 times, `now`, or durations back from now (`-10m`). \
-        The range may be at most 366 days.",
+        The range may be at most 366 days.\n\n\
+        **Bounded reads.** A request reads at most 10,001 raw readings, and at most \
+        `api.max_rollup_rows` per-minute rollups (100,000 by default, about 69 days): a rollup \
+        range needing more (the range from `from`, moved back to the start of its bucket, to \
+        `to`, in minutes) is refused with a 400 saying how long a range fits; ask for a \
+        shorter range, or split it. At most `api.max_concurrent_queries` (16) requests read \
+        the store at once: one more gets a 503 with `Retry-After: 1`; a request that takes \
+        longer than `api.request_timeout` (10 s) gets a 503 with `Retry-After: 5`.",
     params(
         ("id" = String, Path, description = "Device id.", example = "v00042"),
         ("sensor" = String, Query, description = "Sensor name (required).", example = "speed"),
@@ -264,9 +332,9 @@ pub fn merge_rollups(rollups: &[Rollup], bucket_us: i64) -> Vec<SeriesPoint> {
     ),
     responses(
         (status = 200, description = "The series.", body = Series),
-        (status = 400, description = "A parameter is missing, unknown, repeated or invalid.", body = ErrorBody),
+        (status = 400, description = "A parameter is missing, unknown, repeated or invalid, or the range needs more rollup rows than `api.max_rollup_rows`.", body = ErrorBody),
         (status = 404, description = "Unknown device, or a sensor the device does not have.", body = ErrorBody),
-        (status = 503, description = "The store is unavailable.", body = ErrorBody),
+        (status = 503, response = UnavailableResponse),
     )
 )]
 pub async fn series(
@@ -319,12 +387,15 @@ pub async fn series(
 
     let lookup = st.index.sensor(&id, &sensor);
     let mut plan = plan(from, to, step);
+    // Bounded reads: a range needing too many rollups is refused before any store read, so
+    // it is a 400 even when the server is busy; then a query slot, or a 503.
+    if let Plan::Rollups { bucket_us } = plan {
+        rollup_range(from, to, bucket_us, st.limits.max_rollup_rows)?;
+    }
+    let slot = st.limits.query_slot()?;
     let mut points = Vec::new();
     if plan == Plan::Raw {
-        let raw = st
-            .store
-            .history(&id, &sensor, Range { from, to }, RAW_CAP + 1)
-            .await?;
+        let raw = read_history(&st, &slot, &id, &sensor, Range { from, to }).await?;
         if raw.len() > RAW_CAP {
             plan = rollup_plan(from, to, step);
         } else {
@@ -342,19 +413,8 @@ pub async fn series(
         }
     }
     if let Plan::Rollups { bucket_us } = plan {
-        // Start at the bucket holding `from`, so its first minutes are not left out.
-        let start = from.as_micros() - from.as_micros().rem_euclid(bucket_us);
-        let rollups = st
-            .store
-            .rollups(
-                &id,
-                &sensor,
-                Range {
-                    from: Timestamp::from_micros(start),
-                    to,
-                },
-            )
-            .await?;
+        let range = rollup_range(from, to, bucket_us, st.limits.max_rollup_rows)?;
+        let rollups = read_rollups(&st, &slot, &id, &sensor, range).await?;
         points = merge_rollups(&rollups, bucket_us);
     }
 
@@ -423,6 +483,29 @@ mod tests {
                 "span {span} step {step:?}"
             );
         }
+    }
+
+    #[test]
+    fn rollup_rows_are_bounded() {
+        let at = |us: i64| Timestamp::from_micros(T0 + us);
+        // T0 is on a whole hour: a day in minute buckets is 1440 rows.
+        let day = rollup_range(at(0), at(24 * HOUR), MIN, 1440).unwrap();
+        assert_eq!((day.from, day.to), (at(0), at(24 * HOUR)));
+        let err = rollup_range(at(0), at(24 * HOUR + 1), MIN, 1440).unwrap_err();
+        assert_eq!(err.status().as_u16(), 400);
+        assert!(
+            err.to_string().contains("needs 1441 per-minute rollups"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("about 1.0 days"), "{err}");
+        // The read starts at the bucket holding `from`: wide buckets read more minutes.
+        let r = rollup_range(at(30 * MIN), at(HOUR), HOUR, 60).unwrap();
+        assert_eq!(r.from, at(0));
+        assert!(rollup_range(at(30 * MIN), at(HOUR), HOUR, 59).is_err());
+        // A year at the default bound does not fit; 69 days do.
+        let max = fleetpipe_pipeline::config::ApiConfig::default().max_rollup_rows;
+        assert!(rollup_range(at(0), at(366 * 24 * HOUR), 53 * MIN, max).is_err());
+        assert!(rollup_range(at(0), at(69 * 24 * HOUR), 10 * MIN, max).is_ok());
     }
 
     #[test]

@@ -5,13 +5,13 @@ use std::sync::atomic::Ordering::Relaxed;
 use axum::extract::{RawQuery, State};
 use axum::Json;
 
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ErrorBody, UnavailableResponse};
 use crate::model::FleetSummary;
 use crate::params::Params;
 use crate::AppState;
 
 /// Online/offline counts and min/avg/max of every sensor across the fleet, from the
-/// in-memory index (one pass, no store or broker round trip).
+/// in-memory index (one pass, no store or broker round trip, on the blocking pool).
 #[utoipa::path(
     get,
     path = "/api/v1/fleet/summary",
@@ -19,6 +19,7 @@ use crate::AppState;
     responses(
         (status = 200, description = "The fleet summary.", body = FleetSummary),
         (status = 400, description = "A query parameter was given (none are accepted).", body = ErrorBody),
+        (status = 503, response = UnavailableResponse),
     )
 )]
 pub async fn summary(
@@ -26,7 +27,7 @@ pub async fn summary(
     RawQuery(query): RawQuery,
 ) -> Result<Json<FleetSummary>, ApiError> {
     Params::parse(query.as_deref(), &[])?;
-    let s = st.index.summary(st.online());
+    let s = st.index_pass(|index, online| index.summary(online)).await?;
     let dead_letters = if st.broker.polled.load(Relaxed) {
         st.broker.dead_letters.load(Relaxed)
     } else {

@@ -14,6 +14,10 @@ pub mod fleet;
 pub mod live;
 pub mod ops;
 
+/// Routes that answer with an endless stream: exempt from the request timeout (they are
+/// long-lived by design, and cost no store reads; see `live`).
+pub const LONG_LIVED: &[&str] = &["/api/v1/live"];
+
 /// Every route: its path (axum syntax) and its handlers.
 pub fn table() -> Vec<(&'static str, MethodRouter<AppState>)> {
     vec![

@@ -9,7 +9,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ErrorBody, UnavailableResponse};
 use crate::metrics::{self, FleetpipeCollector};
 use crate::model::{Health, Info, Readiness};
 use crate::params::Params;
@@ -54,7 +54,9 @@ pub async fn readyz(State(st): State<AppState>) -> Response {
     if nats != "connected" && nats != "not used" {
         problems.push(format!("nats: {nats}"));
     }
-    let store = match tokio::time::timeout(STORE_PING_TIMEOUT, st.store.ping()).await {
+    // Within the request timeout, so that a slow store still gets a readiness answer.
+    let ping_timeout = STORE_PING_TIMEOUT.min(st.limits.request_timeout / 2);
+    let store = match tokio::time::timeout(ping_timeout, st.store.ping()).await {
         Ok(Ok(())) => "ok".to_string(),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "readiness: store ping failed");
@@ -62,7 +64,7 @@ pub async fn readyz(State(st): State<AppState>) -> Response {
         }
         Err(_) => format!(
             "no answer within {}",
-            humantime::format_duration(STORE_PING_TIMEOUT)
+            humantime::format_duration(ping_timeout)
         ),
     };
     if store != "ok" {
@@ -104,6 +106,7 @@ pub async fn readyz(State(st): State<AppState>) -> Response {
         the stream (`fleetpipe_stream_received_total`), device counts.",
     responses(
         (status = 200, description = "Metrics.", content_type = "application/openmetrics-text", body = String),
+        (status = 503, response = UnavailableResponse),
     )
 )]
 pub async fn metrics(State(st): State<AppState>) -> Result<Response, ApiError> {
@@ -117,7 +120,10 @@ pub async fn metrics(State(st): State<AppState>) -> Result<Response, ApiError> {
             .as_ref()
             .map(|c| c.connection_state() == NatsState::Connected),
     };
-    let text = metrics::encode(collector)
+    // Off the async threads: the device counts are a pass over the whole index.
+    let text = st
+        .index_pass(move |_, _| metrics::encode(collector))
+        .await?
         .map_err(|_| ApiError::Unavailable("cannot encode the metrics".into()))?;
     Ok(([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response())
 }

@@ -21,6 +21,8 @@ pub struct BatchPuller {
     batch_size: usize,
     batch_wait: Duration,
     stats: Arc<Stats>,
+    /// Most bytes one pull asks for; 0: no limit.
+    max_bytes: usize,
     messages: Option<pull::Stream>,
 }
 
@@ -36,7 +38,43 @@ impl BatchPuller {
             batch_size,
             batch_wait,
             stats,
+            max_bytes: 0,
             messages: None,
+        }
+    }
+
+    /// Limits each pull to `max_bytes` of messages (at least one message is delivered
+    /// whatever its size).
+    pub fn max_bytes(mut self, max_bytes: usize) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+
+    /// Negatively acknowledges, without delay, what the broker already sent this puller
+    /// and nobody took: a stopping collector hands it back at once instead of making it
+    /// wait out the ack wait.
+    pub async fn release(&mut self) {
+        let Some(mut messages) = self.messages.take() else {
+            return;
+        };
+        let mut released = 0u64;
+        while let Ok(Some(m)) =
+            tokio::time::timeout(Duration::from_millis(50), messages.next()).await
+        {
+            if let Ok(m) = m {
+                if m.ack_with(async_nats::jetstream::AckKind::Nak(None))
+                    .await
+                    .is_ok()
+                {
+                    released += 1;
+                }
+            }
+        }
+        if released > 0 {
+            tracing::debug!(
+                messages = released,
+                "handed back messages pulled but not processed"
+            );
         }
     }
 
@@ -49,14 +87,21 @@ impl BatchPuller {
             }
             let messages = match &mut self.messages {
                 Some(m) => m,
-                None => match self
-                    .consumer
-                    .stream()
-                    .max_messages_per_batch(self.batch_size)
-                    .heartbeat(Duration::from_secs(5))
-                    .expires(Duration::from_secs(30))
-                    .messages()
-                    .await
+                None => match {
+                    let stream = self
+                        .consumer
+                        .stream()
+                        .max_messages_per_batch(self.batch_size);
+                    if self.max_bytes > 0 {
+                        stream.max_bytes_per_batch(self.max_bytes)
+                    } else {
+                        stream
+                    }
+                }
+                .heartbeat(Duration::from_secs(5))
+                .expires(Duration::from_secs(30))
+                .messages()
+                .await
                 {
                     Ok(m) => self.messages.insert(m),
                     Err(e) => {
