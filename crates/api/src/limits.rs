@@ -9,9 +9,9 @@
 //!   `Retry-After: 1` rather than queued. A read whose request gave up (timed out, client
 //!   gone) keeps its slot until the store answers ([`QuerySlot::read`]), so timeouts and
 //!   impatient retries cannot pile queries up in the store behind the limit's back;
-//! * **rows**: a series request reads at most [`RAW_CAP`](crate::routes::devices::RAW_CAP)
-//!   + 1 raw readings or `api.max_rollup_rows` per-minute rollups (a range needing more is
-//!   a 400, see `routes::devices`);
+//! * **rows**: a series request reads at most one raw reading more than
+//!   [`RAW_CAP`](crate::routes::devices::RAW_CAP), or `api.max_rollup_rows` per-minute
+//!   rollups (a range needing more is a 400, see [`rollup_range`](crate::routes::devices::rollup_range));
 //! * **CPU**: passes over the whole in-memory index (device list, fleet summary, metrics)
 //!   run on the blocking pool, at most one per core at a time ([`Limits::index_pass`]);
 //!   they wait for a turn (within the request's time) rather than fail, being short.

@@ -763,7 +763,10 @@ mod tests {
             tags: Default::default(),
         };
         let record = Record { seq: 1, reading };
-        s.store.write_readings(&[record.clone()]).await.unwrap();
+        s.store
+            .write_readings(std::slice::from_ref(&record))
+            .await
+            .unwrap();
         let snapshot = Snapshot {
             device: "x".into(),
             ts: Timestamp::from_micros(old),

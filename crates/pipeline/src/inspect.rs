@@ -9,21 +9,50 @@ use serde::Serialize;
 
 use crate::collector::headers;
 use crate::config::names;
-use crate::state::{split_key, StateValue};
+use crate::state::{sensor_of, split_key, StateValue};
 
-/// One sensor's latest value.
+/// One series' latest value.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct StateEntry {
     pub device: String,
+    /// The sensor, without the key's tag hash: a sensor with several tag sets has one
+    /// entry per tag set, told apart by `tags`.
     pub sensor: String,
     #[serde(flatten)]
     pub state: StateValue,
 }
 
-/// The latest state of every sensor (of one device, or all), sorted by device and sensor.
+/// Checks a device id given by an operator before it becomes part of a subject filter or
+/// a query: `>`, `*` or `.` in it would widen a filter to other devices.
+pub fn check_device(device: &str) -> Result<()> {
+    if !fleetpipe_proto::is_valid_token(device) {
+        anyhow::bail!(
+            "invalid device id {device:?}: a device id is 1 to 128 ASCII letters, digits, \
+             '-' and '_'"
+        );
+    }
+    Ok(())
+}
+
+/// Checks a sensor name given by an operator: tokens as in a device id, joined by `.`.
+pub fn check_sensor(sensor: &str) -> Result<()> {
+    if !sensor.split('.').all(fleetpipe_proto::is_valid_token) {
+        anyhow::bail!(
+            "invalid sensor {sensor:?}: a sensor is one or more tokens of ASCII letters, \
+             digits, '-' and '_', joined by '.'"
+        );
+    }
+    Ok(())
+}
+
+/// The latest state of every series (of one device, or all), sorted by device, sensor and
+/// tags. An invalid device id is an error.
 pub async fn latest_state(state: &kv::Store, device: Option<&str>) -> Result<Vec<StateEntry>> {
     let filter = match device {
-        Some(d) => format!("{d}.>"),
+        Some(d) => {
+            check_device(d)?;
+            format!("{d}.>")
+        }
         None => ">".to_string(),
     };
     // With history: the last value of each key, then changes (which we do not wait for).
@@ -35,13 +64,13 @@ pub async fn latest_state(state: &kv::Store, device: Option<&str>) -> Result<Vec
     {
         let entry = entry?;
         if entry.operation == kv::Operation::Put {
-            if let (Some((device, sensor)), Ok(state)) = (
+            if let (Some((device, series)), Ok(state)) = (
                 split_key(&entry.key),
                 serde_json::from_slice::<StateValue>(&entry.value),
             ) {
                 out.push(StateEntry {
                     device: device.to_string(),
-                    sensor: sensor.to_string(),
+                    sensor: sensor_of(series).to_string(),
                     state,
                 });
             }
@@ -50,7 +79,9 @@ pub async fn latest_state(state: &kv::Store, device: Option<&str>) -> Result<Vec
             break;
         }
     }
-    out.sort_by(|a, b| (&a.device, &a.sensor).cmp(&(&b.device, &b.sensor)));
+    out.sort_by(|a, b| {
+        (&a.device, &a.sensor, &a.state.tags).cmp(&(&b.device, &b.sensor, &b.state.tags))
+    });
     Ok(out)
 }
 
@@ -102,4 +133,24 @@ pub async fn dead_letters(js: &jetstream::Context, limit: usize) -> Result<Vec<D
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_ids_and_sensors_are_checked() {
+        for ok in ["4613", "cnc-001", "a_b"] {
+            check_device(ok).unwrap();
+        }
+        for bad in ["", ">", "*", "a.*", "x.y", "a b", "a>"] {
+            let e = check_device(bad).unwrap_err().to_string();
+            assert!(e.contains("letters, digits, '-' and '_'"), "{e}");
+        }
+        check_sensor("spindle.vibration.rms").unwrap();
+        for bad in ["", "a.", ".a", "cpu.>", "*", "a b"] {
+            assert!(check_sensor(bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -14,6 +14,10 @@
 //!   message never produces a second row, and rollups count each reading once (they are
 //!   updated in the same transaction, from the rows actually inserted).
 //! * Snapshots are identified by `(device, ts)`; writing the same tick twice is a no-op.
+//! * Retention never stalls writers: a prune deletes in transactions of at most
+//!   [`PRUNE_CHUNK`] rows, after recording the table's horizon; writes skip readings older
+//!   than the raw horizon, so a redelivery of pruned data is not counted twice in the
+//!   rollups.
 //! * SQL schema lives in versioned migrations under `migrations/<backend>/`, applied at open.
 
 use std::collections::BTreeMap;
@@ -228,7 +232,7 @@ impl RawHorizon {
             return std::borrow::Cow::Borrowed(batch);
         }
         let kept: Vec<Record> = batch.iter().filter(|r| newer(r)).cloned().collect();
-        tracing::info!(
+        tracing::debug!(
             skipped = batch.len() - kept.len(),
             horizon = %Timestamp::from_micros(horizon),
             "skipped readings older than the raw retention horizon (already pruned or about to be)"
@@ -241,7 +245,7 @@ impl RawHorizon {
 pub enum StoreError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    #[error("postgres: {0}")]
+    #[error("postgres: {}", postgres_message(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("postgres pool: {0}")]
     Pool(String),
@@ -276,6 +280,26 @@ impl StoreError {
             StoreError::Pool(_) | StoreError::Task(_) => true,
         }
     }
+}
+
+/// What PostgreSQL said, not just tokio-postgres's "db error": the message, the detail
+/// and the constraint, so a dead letter or a log line says what refused the data.
+fn postgres_message(e: &tokio_postgres::Error) -> String {
+    let Some(db) = e.as_db_error() else {
+        return match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        };
+    };
+    let mut out = format!("{} ({})", db.message(), db.code().code());
+    if let Some(detail) = db.detail() {
+        out.push_str(": ");
+        out.push_str(detail);
+    }
+    if let Some(constraint) = db.constraint() {
+        out.push_str(&format!(" [constraint {constraint}]"));
+    }
+    out
 }
 
 /// SQLite: busy, locked, I/O, full disk and the like pass; a constraint, a value or a
@@ -434,5 +458,35 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
             });
         }
         Ok(Arc::new(sqlite::SqliteStore::open(path).await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_errors_are_classified() {
+        use rusqlite::ffi;
+        let err =
+            |code| StoreError::Sqlite(rusqlite::Error::SqliteFailure(ffi::Error::new(code), None));
+        let cases = [
+            (ffi::SQLITE_BUSY, true),
+            (ffi::SQLITE_LOCKED, true),
+            (ffi::SQLITE_IOERR, true),
+            (ffi::SQLITE_FULL, true),
+            (ffi::SQLITE_CANTOPEN, true),
+            (ffi::SQLITE_CONSTRAINT, false),
+            (ffi::SQLITE_TOOBIG, false),
+            (ffi::SQLITE_MISMATCH, false),
+            (ffi::SQLITE_RANGE, false),
+        ];
+        for (code, transient) in cases {
+            assert_eq!(err(code).is_transient(), transient, "code {code}");
+        }
+        let conversion = rusqlite::Error::IntegralValueOutOfRange(0, 1);
+        assert!(!StoreError::Sqlite(conversion).is_transient());
+        assert!(StoreError::Pool("timed out".into()).is_transient());
+        assert!(!StoreError::Invalid("NaN".into()).is_transient());
     }
 }

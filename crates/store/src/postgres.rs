@@ -788,6 +788,7 @@ impl Store for PgStore {
             let row = client.query_one(&stmt, &[&from, &before, &limit]).await?;
             let deleted = u64::try_from(row.try_get::<_, i64>(0)?).unwrap_or(0);
             report.chunk(deleted, start.elapsed());
+            eprintln!("TMPCHUNK {} {:?}", deleted, start.elapsed());
             match row.try_get::<_, Option<i64>>(1)? {
                 Some(last) if deleted >= crate::PRUNE_CHUNK => from = last,
                 _ => return Ok(report),

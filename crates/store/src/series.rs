@@ -25,8 +25,9 @@ const MIN_TS_MICROS: i64 = -210_866_803_200_000_000;
 const MAX_TS_MICROS: i64 = i64::MAX;
 
 /// Refuses a batch holding something no backend can store faithfully, before anything is
-/// written: a non-finite value (SQLite turns NaN into NULL), a sequence beyond `i64`, or a
-/// timestamp PostgreSQL cannot represent. Retrying such a batch cannot succeed, so the
+/// written: a non-finite value (SQLite turns NaN into NULL), a sequence beyond `i64`, a
+/// timestamp PostgreSQL cannot represent, or text with a NUL character (PostgreSQL cannot
+/// hold one; SQLite could, but both must accept the same data). Retrying such a batch cannot succeed, so the
 /// error is not transient.
 pub(crate) fn check_records(batch: &[Record]) -> Result<()> {
     for (i, r) in batch.iter().enumerate() {
@@ -43,6 +44,20 @@ pub(crate) fn check_records(batch: &[Record]) -> Result<()> {
         }
         if !ts_in_range(reading.ts) {
             return Err(invalid(i, reading, "timestamp out of range"));
+        }
+        let texts = [&reading.device, &reading.sensor]
+            .into_iter()
+            .chain(reading.unit.as_ref())
+            .chain(reading.quality.as_ref())
+            .chain(reading.tags.iter().flat_map(|(k, v)| [k, v]));
+        for text in texts {
+            if text.contains('\0') {
+                return Err(invalid(
+                    i,
+                    reading,
+                    "text holds a NUL character, which PostgreSQL cannot store",
+                ));
+            }
         }
     }
     Ok(())

@@ -242,6 +242,7 @@ conformance!(
     readings_differing_only_in_a_tag_are_all_stored,
     a_v1_database_keeps_its_data,
     invalid_batches_are_refused_whole,
+    refusals_by_the_database_are_permanent,
     concurrent_overlapping_writers_count_once,
     empty_batches_are_fine,
     redelivery_after_prune_counts_once,
@@ -868,6 +869,18 @@ async fn invalid_batches_are_refused_whole(b: &Backend) {
         ("infinity", rec("d", "s", 2, T0 + SEC, f64::INFINITY)),
         ("seq beyond i64", rec("d", "s", u64::MAX, T0 + SEC, 1.0)),
         ("ts before 4713 BC", rec("d", "s", 2, i64::MIN, 1.0)),
+        (
+            "NUL in a unit",
+            with_unit(rec("d", "s", 2, T0, 1.0), "m\0s", &[]),
+        ),
+        (
+            "NUL in a tag",
+            with_tags(rec("d", "s", 2, T0, 1.0), &[("k", "a\0b")]),
+        ),
+        (
+            "NUL in a quality",
+            with_quality(rec("d", "s", 2, T0, 1.0), "\0"),
+        ),
     ];
     for (name, r) in bad {
         let err = store
@@ -883,6 +896,37 @@ async fn invalid_batches_are_refused_whole(b: &Backend) {
         .await
         .expect_err("NaN snapshot");
     assert!(matches!(err, StoreError::Invalid(_)), "{err}");
+}
+
+/// What the database itself refuses (here a constraint an operator added) is a permanent
+/// error, which the collectors isolate and dead-letter; the store keeps working.
+async fn refusals_by_the_database_are_permanent(b: &Backend) {
+    let store = b.open().await;
+    if b.kind == "sqlite" {
+        b.exec(
+            "CREATE TRIGGER refuse_666 BEFORE INSERT ON readings WHEN NEW.value = 666
+             BEGIN SELECT RAISE(ABORT, 'refuse_666: value 666 refused'); END;",
+        )
+        .await;
+    } else {
+        b.exec("ALTER TABLE readings ADD CONSTRAINT refuse_666 CHECK (value <> 666)")
+            .await;
+    }
+    let err = store
+        .write_readings(&[rec("d", "s", 1, T0, 1.0), rec("d", "s", 2, T0, 666.0)])
+        .await
+        .expect_err("refused by the database");
+    assert!(!err.is_transient(), "{err:?}");
+    // The reason names what refused it (a dead letter carries this text).
+    assert!(err.to_string().contains("refuse_666"), "{err}");
+    assert_eq!(store.count_readings().await.unwrap(), 0);
+    assert_eq!(
+        store
+            .write_readings(&[rec("d", "s", 1, T0, 1.0)])
+            .await
+            .unwrap(),
+        1
+    );
 }
 
 async fn concurrent_overlapping_writers_count_once(b: &Backend) {

@@ -8,5 +8,7 @@ mod bench;
 mod browser;
 mod clients;
 mod exactly_once;
+mod fault;
+mod hardening;
 mod serve;
 mod support;

@@ -214,3 +214,63 @@ async fn dead_letter_undeliverable(
             Ok(())
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetpipe_testkit::NatsServer;
+
+    fn letter(seq: u64, redelivered: bool) -> DeadLetter {
+        DeadLetter {
+            subject: "vehicle.v1.speed".into(),
+            payload: Bytes::from_static(b"fast"),
+            seq,
+            received: Timestamp::from_micros(1_771_149_600_000_000),
+            codes: vec!["not_a_number".into()],
+            reason: "payload \"fast\" is not a decimal number".into(),
+            redelivered,
+        }
+    }
+
+    /// A redelivery that comes after the dead-letter stream's duplicate window (an outage,
+    /// a crash) finds the dead letter already there and does not publish it again.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_late_redelivery_is_not_dead_lettered_twice() {
+        let server = NatsServer::start();
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let broker = crate::broker::ensure(&client, &crate::Config::default())
+            .await
+            .unwrap();
+        let js = broker.js;
+        let mut config = js
+            .get_stream(names::DLQ_STREAM)
+            .await
+            .unwrap()
+            .cached_info()
+            .config
+            .clone();
+        config.duplicate_window = Duration::from_millis(100);
+        js.update_stream(config).await.unwrap();
+        let count = || async {
+            let mut s = js.get_stream(names::DLQ_STREAM).await.unwrap();
+            s.info().await.unwrap().state.messages
+        };
+        letter(7, false).publish(js.clone()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        letter(7, true).publish(js.clone()).await.unwrap();
+        assert_eq!(count().await, 1);
+        // Without the check the window would not have stopped it: another message is
+        // published past the window.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        letter(7, false).publish(js.clone()).await.unwrap();
+        assert_eq!(count().await, 2);
+        let last = js
+            .get_stream(names::DLQ_STREAM)
+            .await
+            .unwrap()
+            .get_last_raw_message_by_subject("fleetpipe.dlq.not_a_number.7")
+            .await
+            .unwrap();
+        assert_eq!(&last.payload[..], b"fast");
+    }
+}

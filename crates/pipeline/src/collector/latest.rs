@@ -233,3 +233,92 @@ impl Latest {
             .map_err(|e| e.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetpipe_proto::{Reading, Timestamp};
+    use fleetpipe_testkit::NatsServer;
+    use std::sync::Arc;
+
+    fn record(device: &str, ts: i64, seq: u64, cpu: &str) -> Record {
+        Record {
+            seq,
+            reading: Reading {
+                device: device.into(),
+                sensor: "cpu.usage".into(),
+                value: ts as f64,
+                ts: Timestamp::from_micros(ts),
+                unit: None,
+                quality: None,
+                tags: vec![("cpu".to_string(), cpu.to_string())].into(),
+            },
+        }
+    }
+
+    async fn stored_ts(bucket: &kv::Store, key: &str) -> i64 {
+        let v = bucket.get(key).await.unwrap().expect("a value");
+        serde_json::from_slice::<StateValue>(&v).unwrap().ts
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_state_never_goes_back_in_time() {
+        let server = NatsServer::start();
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let broker = crate::broker::ensure(&client, &crate::Config::default())
+            .await
+            .unwrap();
+        let key = state::key("d", "cpu.usage", &[("cpu".to_string(), "cpu0".to_string())]);
+        // Two collector processes.
+        let (a, b) = (
+            Latest::new(broker.js.clone()),
+            Latest::new(broker.js.clone()),
+        );
+        assert!(a.publish(a.updates(&[record("d", 2_000, 2, "cpu0")])).await);
+        // B has never seen the key: its older reading must not overwrite A's.
+        assert!(b.publish(b.updates(&[record("d", 1_000, 1, "cpu0")])).await);
+        assert_eq!(stored_ts(&broker.state, &key).await, 2_000);
+        // B's newer one does.
+        assert!(b.publish(b.updates(&[record("d", 3_000, 3, "cpu0")])).await);
+        assert_eq!(stored_ts(&broker.state, &key).await, 3_000);
+        // A still believes its own revision is current: its put is refused, it reads the
+        // newer value, and leaves it.
+        assert!(a.publish(a.updates(&[record("d", 2_500, 4, "cpu0")])).await);
+        assert_eq!(stored_ts(&broker.state, &key).await, 3_000);
+        // A redelivery of what A already stored costs nothing.
+        assert!(a.updates(&[record("d", 2_000, 2, "cpu0")]).is_empty());
+        // Same timestamp: the later stream sequence wins.
+        assert!(a.publish(a.updates(&[record("d", 3_000, 9, "cpu0")])).await);
+        let v = broker.state.get(&key).await.unwrap().unwrap();
+        assert_eq!(serde_json::from_slice::<StateValue>(&v).unwrap().seq, 9);
+
+        // Batches whose publishes race, in one process and across two: for each of 50
+        // series, the newest reading wins whatever the order the puts reach the broker.
+        let mut tasks = Vec::new();
+        let (a, b) = (Arc::new(a), Arc::new(b));
+        for round in 0..4i64 {
+            for latest in [&a, &b] {
+                let latest = latest.clone();
+                let records: Vec<Record> = (0..50)
+                    .map(|i| {
+                        let ts = 10_000 + (round * 7 + i) % 4 * 1_000;
+                        record("r", ts, (round * 100 + i) as u64, &format!("cpu{i}"))
+                    })
+                    .collect();
+                tasks.push(tokio::spawn(async move {
+                    latest.publish(latest.updates(&records)).await
+                }));
+            }
+        }
+        for t in tasks {
+            assert!(t.await.unwrap());
+        }
+        for i in 0..50 {
+            let key = state::key("r", "cpu.usage", &[("cpu".to_string(), format!("cpu{i}"))]);
+            let newest = (0..4)
+                .map(|round| 10_000 + (round * 7 + i) % 4 * 1_000)
+                .max();
+            assert_eq!(Some(stored_ts(&broker.state, &key).await), newest, "cpu{i}");
+        }
+    }
+}

@@ -1,5 +1,6 @@
 //! The collectors' pull loop: batches from the durable consumer, as large as what is ready
-//! (or arrives within `batch_wait`), up to `batch_size`. The bench's ceiling consumer uses
+//! (or arrives within `batch_wait`), up to `batch_size`, from one pull request at a time
+//! (so that a stopping collector can hand back everything it was sent). The bench's ceiling consumer uses
 //! the same loop, so the two phases differ only in what is done with a batch.
 
 use std::sync::Arc;
@@ -12,6 +13,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::stats::Stats;
 
+/// How long one pull request stays open waiting for messages. Each request is read to its
+/// end, so the puller always knows what the broker may still send it: a stop hands all of
+/// it back. Short, so a stop waits little; an idle puller renews its request this often.
+const PULL_EXPIRES: Duration = Duration::from_secs(1);
+
+/// How long messages a stopping collector hands back wait before the broker delivers them
+/// again: longer than a request stays open, so they cannot come back to it.
+const RELEASE_DELAY: Duration = Duration::from_secs(2);
+
 /// How long to wait before opening the pull stream again after it failed.
 const REOPEN_DELAY: Duration = Duration::from_secs(1);
 
@@ -23,7 +33,7 @@ pub struct BatchPuller {
     stats: Arc<Stats>,
     /// Most bytes one pull asks for; 0: no limit.
     max_bytes: usize,
-    messages: Option<pull::Stream>,
+    messages: Option<pull::Batch>,
 }
 
 impl BatchPuller {
@@ -50,22 +60,19 @@ impl BatchPuller {
         self
     }
 
-    /// Negatively acknowledges, without delay, what the broker already sent this puller
-    /// and nobody took: a stopping collector hands it back at once instead of making it
-    /// wait out the ack wait.
+    /// Negatively acknowledges what the broker sent this puller and nobody took: a stopping
+    /// collector reads its open pull request to the end (at most [`PULL_EXPIRES`]) and hands
+    /// every message back, to be delivered again after [`RELEASE_DELAY`] rather than after
+    /// the ack wait. (The delay outlasts the request, so nothing comes back to it.)
     pub async fn release(&mut self) {
         let Some(mut messages) = self.messages.take() else {
             return;
         };
         let mut released = 0u64;
-        while let Ok(Some(m)) =
-            tokio::time::timeout(Duration::from_millis(50), messages.next()).await
-        {
+        while let Some(m) = messages.next().await {
             if let Ok(m) = m {
-                if m.ack_with(async_nats::jetstream::AckKind::Nak(None))
-                    .await
-                    .is_ok()
-                {
+                let nak = async_nats::jetstream::AckKind::Nak(Some(RELEASE_DELAY));
+                if m.ack_with(nak).await.is_ok() {
                     released += 1;
                 }
             }
@@ -87,21 +94,14 @@ impl BatchPuller {
             }
             let messages = match &mut self.messages {
                 Some(m) => m,
-                None => match {
-                    let stream = self
-                        .consumer
-                        .stream()
-                        .max_messages_per_batch(self.batch_size);
-                    if self.max_bytes > 0 {
-                        stream.max_bytes_per_batch(self.max_bytes)
-                    } else {
-                        stream
-                    }
-                }
-                .heartbeat(Duration::from_secs(5))
-                .expires(Duration::from_secs(30))
-                .messages()
-                .await
+                None => match self
+                    .consumer
+                    .batch()
+                    .max_messages(self.batch_size)
+                    .max_bytes(self.max_bytes)
+                    .expires(PULL_EXPIRES)
+                    .messages()
+                    .await
                 {
                     Ok(m) => self.messages.insert(m),
                     Err(e) => {
@@ -121,8 +121,10 @@ impl BatchPuller {
             let mut batch = Vec::with_capacity(self.batch_size);
             match first {
                 Some(Ok(m)) => batch.push(m),
+                // A status ends the request (409: the byte limit was reached).
                 Some(Err(e)) => {
-                    tracing::debug!(error = %e, "pull stream error");
+                    tracing::debug!(error = %e, "pull request ended");
+                    self.messages = None;
                     continue;
                 }
                 None => {
@@ -135,7 +137,7 @@ impl BatchPuller {
             while batch.len() < self.batch_size {
                 match tokio::time::timeout_at(deadline, messages.next()).await {
                     Ok(Some(Ok(m))) => batch.push(m),
-                    Ok(Some(Err(e))) => tracing::debug!(error = %e, "pull stream error"),
+                    Ok(Some(Err(e))) => tracing::debug!(error = %e, "pull request ended"),
                     Ok(None) | Err(_) => break,
                 }
             }

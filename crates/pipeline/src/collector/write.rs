@@ -156,34 +156,37 @@ impl Collector {
         shutdown: &CancellationToken,
     ) -> Result<Vec<Option<String>>, Failure> {
         let mut refused = vec![None; units.len()];
-        let mut todo = vec![0..units.len()];
-        while let Some(part) = todo.pop() {
+        // Parts to write, and how many attempts a suspect failure gets: the whole group
+        // gets several, the halves of a suspect part one (the doubt is already there).
+        let mut todo = vec![(0..units.len(), ATTEMPTS_WHILE_UP)];
+        let writes_before = self.store_writes.load(Ordering::Relaxed);
+        while let Some((part, patience)) = todo.pop() {
             let (first, last) = (&units[part.start], &units[part.end - 1]);
             let slice = &records[first.records.start..last.records.end];
             if slice.is_empty() {
                 continue;
             }
-            let attempt = self.store_writes.load(Ordering::Relaxed);
-            match self.store_retrying(slice, shutdown).await {
+            match self.store_retrying(slice, patience, shutdown).await {
                 Ok(()) => {}
                 Err(Failure::Refused(e)) if part.len() == 1 => {
                     refused[part.start] = Some(e.to_string());
                 }
-                // One message, and the store took other writes meanwhile: it is this
-                // message the store cannot take.
+                // One message, and the store took other writes since this group began: it
+                // is this message the store cannot take.
                 Err(Failure::Suspect(e))
-                    if part.len() == 1 && self.store_writes.load(Ordering::Relaxed) > attempt =>
+                    if part.len() == 1
+                        && self.store_writes.load(Ordering::Relaxed) > writes_before =>
                 {
                     refused[part.start] = Some(e.to_string());
                 }
-                // One message, and nothing else was written meanwhile: the store is failing
-                // for everyone; keep trying.
-                Err(Failure::Suspect(_)) if part.len() == 1 => todo.push(part),
+                // One message, and nothing at all was written meanwhile: the store is
+                // failing for everyone; keep trying, patiently.
+                Err(Failure::Suspect(_)) if part.len() == 1 => todo.push((part, ATTEMPTS_WHILE_UP)),
                 Err(Failure::Refused(e) | Failure::Suspect(e)) => {
                     tracing::info!(error = %e, messages = part.len(), "the store refused a write; splitting it to find the message");
                     let mid = part.start + part.len() / 2;
-                    todo.push(mid..part.end);
-                    todo.push(part.start..mid);
+                    todo.push((mid..part.end, 1));
+                    todo.push((part.start..mid, 1));
                 }
                 Err(Failure::Stopping) => return Err(Failure::Stopping),
             }
@@ -195,6 +198,7 @@ impl Collector {
     async fn store_retrying(
         &self,
         records: &[Record],
+        patience: u32,
         shutdown: &CancellationToken,
     ) -> Result<(), Failure> {
         let mut backoff = Duration::from_millis(250);
@@ -220,7 +224,7 @@ impl Collector {
             }
             if self.store.ping().await.is_ok() {
                 attempts_while_up += 1;
-                if attempts_while_up >= ATTEMPTS_WHILE_UP {
+                if attempts_while_up >= patience {
                     return Err(Failure::Suspect(e));
                 }
             }
