@@ -31,6 +31,9 @@ use tokio::sync::OnceCell;
 use crate::config::names;
 use crate::state::{self, StateValue};
 
+/// Puts of one batch in flight at once.
+const WINDOW: usize = 256;
+
 /// Rounds of read-compare-retry for one key before giving up (the batch is then
 /// redelivered). Each round means another writer put a newer revision in between.
 const MAX_ROUNDS: usize = 5;
@@ -114,40 +117,41 @@ impl Latest {
 
     /// Puts every update, each a compare-and-set (see the module docs). True when each one
     /// is stored or known to be older than the bucket's value.
+    ///
+    /// Up to [`WINDOW`] puts are in flight at once, each awaiting its own acknowledgement:
+    /// a put never holds one of the client's in-flight-ack permits while it waits for
+    /// another, so concurrent batches cannot starve each other of them.
     pub(crate) async fn publish(&self, updates: Vec<Update>) -> bool {
-        if updates.is_empty() {
-            return true;
-        }
-        // Pipelined: every put is sent before any acknowledgement is awaited.
-        let mut pending = Vec::with_capacity(updates.len());
-        for u in updates {
-            let expected = self.expected(u.hash);
-            match self.put(&u, expected).await {
-                Ok(ack) => pending.push((u, ack)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "latest-state update failed; the batch will be redelivered");
-                    return false;
+        use futures::StreamExt;
+        let results: Vec<bool> = futures::stream::iter(updates)
+            .map(|u| async move {
+                let outcome = self.put_one(&u).await;
+                if let Err(e) = &outcome {
+                    tracing::warn!(error = %e, key = %u.key, "latest-state update failed; the batch will be redelivered");
                 }
+                outcome.is_ok()
+            })
+            .buffer_unordered(WINDOW)
+            .collect()
+            .await;
+        results.into_iter().all(|ok| ok)
+    }
+
+    async fn put_one(&self, u: &Update) -> Result<(), String> {
+        let ack = self
+            .put(u, self.expected(u.hash))
+            .await
+            .map_err(|e| e.to_string())?;
+        match ack.await {
+            Ok(ack) => {
+                self.remember(u.hash, u.ts, u.seq, ack.sequence);
+                Ok(())
             }
-        }
-        let mut ok = true;
-        for (u, ack) in pending {
-            let outcome = match ack.await {
-                Ok(ack) => {
-                    self.remember(u.hash, u.ts, u.seq, ack.sequence);
-                    Ok(())
-                }
-                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                    self.resolve_conflict(&u).await
-                }
-                Err(e) => Err(e.to_string()),
-            };
-            if let Err(e) = outcome {
-                tracing::warn!(error = %e, key = %u.key, "latest-state update failed; the batch will be redelivered");
-                ok = false;
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                self.resolve_conflict(u).await
             }
+            Err(e) => Err(e.to_string()),
         }
-        ok
     }
 
     /// After a refused put: reads the current value, and puts ours again only if it is
@@ -320,5 +324,42 @@ mod tests {
                 .max();
             assert_eq!(Some(stored_ts(&broker.state, &key).await), newest, "cpu{i}");
         }
+    }
+
+    /// More puts in flight across batches than the client's in-flight-ack limit (5,000):
+    /// each batch must still finish (sending everything before awaiting any ack would
+    /// deadlock here).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn concurrent_batches_beyond_the_ack_limit_finish() {
+        let server = NatsServer::start();
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let broker = crate::broker::ensure(&client, &crate::Config::default())
+            .await
+            .unwrap();
+        let latest = Arc::new(Latest::new(broker.js.clone()));
+        let tasks: Vec<_> = (0..8)
+            .map(|t| {
+                let latest = latest.clone();
+                tokio::spawn(async move {
+                    let records: Vec<Record> = (0..1_500)
+                        .map(|i| record(&format!("d{t}"), 1_000, i, &format!("cpu{i}")))
+                        .collect();
+                    latest.publish(latest.updates(&records)).await
+                })
+            })
+            .collect();
+        let all = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            futures::future::join_all(tasks),
+        )
+        .await
+        .expect("state puts stalled");
+        assert!(all.into_iter().all(|r| r.unwrap()));
+        let mut stream = broker
+            .js
+            .get_stream(format!("KV_{}", names::STATE_BUCKET))
+            .await
+            .unwrap();
+        assert_eq!(stream.info().await.unwrap().state.messages, 12_000);
     }
 }
