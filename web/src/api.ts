@@ -1,11 +1,17 @@
 // The HTTP API under /api/v1, typed as the server serves it. URLs are relative to the page so
 // the dashboard also works behind a reverse proxy that mounts fleetpipe under a path.
 
-/** The latest reading of one sensor. */
+/**
+ * The latest reading of one series. A device's `sensors` are keyed by series label: the
+ * sensor name for a series without tags (`speed`), `sensor{k=v,…}` for one with tags, whose
+ * entry then also has `sensor` and `tags`.
+ */
 export interface SensorValue {
   value: number;
   ts: string;
   unit?: string | null;
+  sensor?: string;
+  tags?: Record<string, string>;
 }
 
 export interface Device {
@@ -31,6 +37,7 @@ export interface Point {
 export interface Series {
   device: string;
   sensor: string;
+  tags?: Record<string, string>;
   source: "raw" | "rollup_1m";
   from: string;
   to: string;
@@ -52,13 +59,35 @@ export interface FleetSummary {
   dead_letters: number;
 }
 
-/** One `state` event of the live stream. */
+/** One `state` event of the live stream; `tags` only for a series with tags. */
 export interface LiveState {
   device: string;
   sensor: string;
+  tags?: Record<string, string>;
   value: number;
   ts: string;
   unit?: string | null;
+}
+
+/** Escapes what a label's tags cannot hold bare, as the server does. */
+function escapeTag(s: string): string {
+  return s.replace(/[\\,={}]/g, (c) => `\\${c}`);
+}
+
+/**
+ * The label of a series, as the server keys a device's `sensors` with it: the sensor for a
+ * series without tags, `sensor{k=v,…}` (tags sorted by name) otherwise.
+ */
+export function seriesKey(sensor: string, tags?: Record<string, string>): string {
+  const names = Object.keys(tags ?? {}).sort((a, b) => (a < b ? -1 : a > b ? 1 : 0));
+  if (!tags || names.length === 0) return sensor;
+  return `${sensor}{${names.map((k) => `${escapeTag(k)}=${escapeTag(tags[k] ?? "")}`).join(",")}}`;
+}
+
+/** The sensor of a series label (`cpu.usage_idle{cpu=cpu0}` → `cpu.usage_idle`). */
+export function sensorOf(key: string): string {
+  const i = key.indexOf("{");
+  return i < 0 ? key : key.slice(0, i);
 }
 
 /** An HTTP error with the server's own message (`{"error": …}`). */
@@ -105,6 +134,7 @@ export function device(id: string, signal?: AbortSignal): Promise<Device> {
   return get<Device>(`devices/${encodeURIComponent(id)}`, signal);
 }
 
+/** The history of one series: `sensor` is a name or a series label (`cpu{cpu=cpu0}`), encoded here. */
 export function series(id: string, sensor: string, from: string, signal?: AbortSignal): Promise<Series> {
   const q = new URLSearchParams({ sensor, from });
   return get<Series>(`devices/${encodeURIComponent(id)}/series?${q}`, signal);

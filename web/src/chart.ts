@@ -3,6 +3,7 @@
 // by a throttled renderer, trims the window and redraws once.
 
 import type UPlot from "uplot";
+import { sensorOf } from "./api";
 import { h, setAttr, setText } from "./dom";
 import { sensorLabel, sensorUnit, value } from "./format";
 
@@ -160,7 +161,7 @@ export class LiveChart {
   }
 
   private options(width: number): UPlot.Options {
-    const color = COLORS[this.sensor] ?? "#33404d";
+    const color = COLORS[sensorOf(this.sensor)] ?? "#33404d";
     const axis: UPlot.Axis = {
       stroke: "#55606b",
       grid: { stroke: "#e6eaef", width: 1 },

@@ -1,5 +1,7 @@
-// The device page (`#/device/<id>`): latest value of every sensor, a live chart per sensor
+// The device page (`#/device/<id>`): latest value of every series, a live chart per series
 // (the last ten minutes from the series endpoint, then the live stream) and the track.
+// Series are keyed by their label, as the API keys a device's `sensors`: `speed`, or
+// `cpu.usage_idle{cpu=cpu0,host=h1}` for one of several tag sets of a sensor.
 
 import * as api from "./api";
 import { LiveChart } from "./chart";
@@ -34,8 +36,15 @@ function pairFixes(lat: api.Point[], lon: api.Point[]): Array<[number, number, n
   return out;
 }
 
+/** The GPS axis a series is of, whatever its tags. */
+function gpsAxis(key: string): "gps.lat" | "gps.lon" | undefined {
+  const sensor = api.sensorOf(key);
+  return sensor === "gps.lat" || sensor === "gps.lon" ? sensor : undefined;
+}
+
 export function deviceView(root: HTMLElement, id: string): View {
   const abort = new AbortController();
+  /** By series label. */
   const latest = new Map<string, Latest>();
   const charts = new Map<string, LiveChart>();
   /** [lat, lon, ms] fixes of the last ten minutes. */
@@ -86,13 +95,19 @@ export function deviceView(root: HTMLElement, id: string): View {
     renderValues(now);
     for (const c of charts.values()) c.flush(now);
     track = track.filter(([, , t]) => t >= now - WINDOW_MS);
-    const lat = latest.get("gps.lat");
-    const lon = latest.get("gps.lon");
+    const lat = latestOf("gps.lat");
+    const lon = latestOf("gps.lon");
     map.set(
       lat && lon ? [{ id, lat: lat.v, lon: lon.v, online }] : [],
       track.map(([a, b]) => [a, b]),
     );
   });
+
+  /** The latest value of a sensor's first series (a device has one position). */
+  function latestOf(sensor: string): Latest | undefined {
+    for (const [key, l] of latest) if (api.sensorOf(key) === sensor) return l;
+    return undefined;
+  }
 
   function renderValues(now: number): void {
     const names = sortSensors(latest.keys());
@@ -133,7 +148,8 @@ export function deviceView(root: HTMLElement, id: string): View {
           s.points.map((p) => [ms(p.ts), p.value]),
           s.source,
         );
-        if (sensor === "gps.lat" || sensor === "gps.lon") history[sensor] = s.points;
+        const axis = gpsAxis(sensor);
+        if (axis && !history[axis]) history[axis] = s.points;
         if (history["gps.lat"] && history["gps.lon"]) {
           const older = pairFixes(history["gps.lat"], history["gps.lon"]);
           const first = track[0]?.[2] ?? Infinity;
@@ -156,10 +172,12 @@ export function deviceView(root: HTMLElement, id: string): View {
   function onState(s: api.LiveState): void {
     if (s.device !== id) return;
     const t = ms(s.ts);
-    record(s.sensor, s.value, t, s.unit);
+    const key = api.seriesKey(s.sensor, s.tags);
+    record(key, s.value, t, s.unit);
     online = true;
-    chartFor(s.sensor, s.unit).push(t, s.value, s.unit);
-    if (s.sensor === "gps.lat" || s.sensor === "gps.lon") addFix(s.sensor === "gps.lat" ? "lat" : "lon", s.value, t);
+    chartFor(key, s.unit).push(t, s.value, s.unit);
+    const axis = gpsAxis(key);
+    if (axis) addFix(axis === "gps.lat" ? "lat" : "lon", s.value, t);
     render.request();
   }
 

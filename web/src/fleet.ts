@@ -41,7 +41,13 @@ const COLUMNS: Array<{ key: SortKey | "status"; label: string; numeric?: boolean
 
 function toRow(d: api.Device): Row {
   const sensors = new Map<string, { v: number; t: number }>();
-  for (const [name, s] of Object.entries(d.sensors ?? {})) sensors.set(name, { v: s.value, t: ms(s.ts) });
+  // By sensor, as live events name them: with tags in the subject template every series has
+  // tags (`speed{site=munich}`), and the table and map still want `speed` and `gps.lat`.
+  for (const [key, s] of Object.entries(d.sensors ?? {})) {
+    const name = s.sensor ?? key;
+    const t = ms(s.ts);
+    if (!((sensors.get(name)?.t ?? -Infinity) > t)) sensors.set(name, { v: s.value, t });
+  }
   return { id: d.id, online: d.online, lastSeen: ms(d.last_seen), sensors };
 }
 

@@ -1,4 +1,7 @@
-// Number, time and sensor formatting shared by the views.
+// Number, time and sensor formatting shared by the views. Sensors may be series labels
+// (`speed{site=munich}`, `cpu.usage_idle{cpu=cpu0}`): they format as their sensor does.
+
+import { sensorOf } from "./api";
 
 /** Display order of the simulator's sensors; others follow alphabetically. */
 const SENSOR_ORDER = ["speed", "soc", "torque", "gps.lat", "gps.lon"];
@@ -14,17 +17,19 @@ const LABELS: Record<string, string> = {
 /** Units for the simulator's sensors, used when a reading carries none. */
 const UNITS: Record<string, string> = { speed: "km/h", soc: "%", torque: "Nm", "gps.lat": "°", "gps.lon": "°" };
 
-export function sensorLabel(sensor: string): string {
-  return LABELS[sensor] ?? sensor;
+export function sensorLabel(key: string): string {
+  const sensor = sensorOf(key);
+  const name = LABELS[sensor];
+  return name ? `${name}${key.slice(sensor.length) ? ` ${key.slice(sensor.length)}` : ""}` : key;
 }
 
-export function sensorUnit(sensor: string, unit?: string | null): string {
-  return unit || UNITS[sensor] || "";
+export function sensorUnit(key: string, unit?: string | null): string {
+  return unit || UNITS[sensorOf(key)] || "";
 }
 
 export function sortSensors(sensors: Iterable<string>): string[] {
   const rank = (s: string) => {
-    const i = SENSOR_ORDER.indexOf(s);
+    const i = SENSOR_ORDER.indexOf(sensorOf(s));
     return i < 0 ? SENSOR_ORDER.length : i;
   };
   return [...sensors].sort((a, b) => rank(a) - rank(b) || a.localeCompare(b));
@@ -39,7 +44,7 @@ export function int(n: number): string {
 /** A value with sensible precision: coordinates to 5 decimals, the rest to 1. */
 export function value(sensor: string, v: number | null | undefined): string {
   if (v === null || v === undefined || !Number.isFinite(v)) return "–";
-  if (sensor.startsWith("gps.")) return v.toFixed(5);
+  if (sensorOf(sensor).startsWith("gps.")) return v.toFixed(5);
   return Math.abs(v) >= 1000 ? intFmt.format(Math.round(v)) : v.toFixed(1);
 }
 

@@ -46,7 +46,8 @@ pub enum ApiError {
     /// The route exists but not for this method (405).
     #[error("{0}")]
     MethodNotAllowed(String),
-    /// The store failed; transient failures are 503, anything else 500.
+    /// The store failed; transient failures are 503, anything else 500, but for a read
+    /// naming a sensor with several series, which is the request's fault (400).
     #[error("store: {0}")]
     Store(#[from] StoreError),
     /// A dependency (store, NATS) did not answer in time (503).
@@ -82,6 +83,9 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            // The series endpoint picks one series itself; should a read still name a
+            // sensor with several, the request did not say enough: never a 5xx.
+            ApiError::Store(StoreError::Ambiguous(_)) => StatusCode::BAD_REQUEST,
             ApiError::Store(e) if e.is_transient() => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unavailable(_) | ApiError::Busy(_) | ApiError::TimedOut(_) => {
@@ -104,6 +108,9 @@ impl ApiError {
     /// (the cause, which may name hosts or SQL, goes to the log only).
     fn public_message(&self) -> String {
         match self {
+            ApiError::Store(StoreError::Ambiguous(m)) => {
+                format!("{m}; pick one with tag=KEY:VALUE or a label, sensor=SENSOR{{KEY=VALUE,…}}")
+            }
             ApiError::Store(e) if e.is_transient() => {
                 "the store is unavailable; try again shortly".into()
             }
@@ -174,6 +181,12 @@ mod tests {
                 500,
                 "internal error",
             ),
+            (
+                ApiError::Store(StoreError::Ambiguous("h1/cpu has 4 series".into())),
+                400,
+                "h1/cpu has 4 series; pick one with tag=KEY:VALUE or a label, \
+                 sensor=SENSOR{KEY=VALUE,…}",
+            ),
         ];
         for (err, status, message) in cases {
             assert_eq!(err.status().as_u16(), status, "{err:?}");
@@ -188,6 +201,7 @@ mod tests {
             (ApiError::NotFound("x".into()), None),
             (ApiError::Internal("x".into()), None),
             (ApiError::Store(StoreError::Invalid("x".into())), None),
+            (ApiError::Store(StoreError::Ambiguous("x".into())), None),
             (ApiError::Busy("x".into()), Some(1)),
             (ApiError::TimedOut(Duration::from_secs(1)), Some(5)),
             (ApiError::Unavailable("x".into()), Some(5)),

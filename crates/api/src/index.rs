@@ -6,6 +6,13 @@
 //! by id needs no sort. Sensor names are interned to small integers, so the fleet summary
 //! is one pass over plain arrays (100k devices in a few milliseconds).
 //!
+//! **Series.** A device holds one entry per KV key, i.e. per series: the key's series part
+//! (`speed`, or `cpu.usage_idle.=<hash>` for a tagged series; see
+//! [`fleetpipe_pipeline::state`]) is unique within the device, and deletes go by it. An
+//! entry shows with its real sensor name ([`sensor_of`]) and, when its key is a tagged
+//! one, the tags of its value; a device's `sensors` map names it by its label
+//! ([`crate::tags::label`]): `speed`, `cpu.usage_idle{cpu=cpu0,host=h1}`.
+//!
 //! Passes over every device (listing, summary) take the lock for [`SCAN_CHUNK`] devices at
 //! a time and sort outside it, so the watch's updates never wait long behind a request;
 //! see [`Index`] for why that matters.
@@ -17,7 +24,7 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
-use fleetpipe_pipeline::state::{split_key, StateValue};
+use fleetpipe_pipeline::state::{sensor_of, split_key, StateValue};
 use fleetpipe_proto::Timestamp;
 use futures::StreamExt;
 use tokio::sync::broadcast;
@@ -31,7 +38,7 @@ use crate::model::{Device, LiveState, SensorStats, SensorValue};
 pub const LIVE_CAPACITY: usize = 4096;
 
 /// A state change as sent to live clients: the JSON `data` is serialized once, the
-/// device and sensor are kept for filtering.
+/// device and sensor (its name, whatever the series' tags) are kept for filtering.
 #[derive(Debug, Clone)]
 pub struct LiveEvent {
     pub device: Arc<str>,
@@ -83,15 +90,13 @@ pub struct ListQuery {
     pub offset: usize,
 }
 
-/// What the index knows of a device's sensor.
+/// One series of a sensor as the index knows it: see [`Index::series_of`].
 #[derive(Debug, Clone, PartialEq)]
-pub enum SensorLookup {
-    UnknownDevice,
-    UnknownSensor,
-    /// Known, with the unit of its latest value.
-    Known {
-        unit: Option<String>,
-    },
+pub struct IndexedSeries {
+    /// Canonical (sorted by name); empty for the series without tags.
+    pub tags: Vec<(String, String)>,
+    /// The unit of its latest value.
+    pub unit: Option<String>,
 }
 
 /// Fleet-wide counts over the index.
@@ -143,11 +148,11 @@ pub struct Index {
 struct Inner {
     /// By id; `Arc<str>` so that a listing copies its matches out of the lock cheaply.
     devices: BTreeMap<Arc<str>, DeviceEntry>,
-    /// Interned sensor names: id → name and name → id. Only grows; bounded by the number
-    /// of distinct sensor names, which is small.
+    /// Interned sensor names (without a key's tag hash): id → name and name → id. Only
+    /// grows; bounded by the number of distinct sensor names, which is small.
     sensor_names: Vec<String>,
     sensor_ids: HashMap<String, u32>,
-    /// Number of `<device>.<sensor>` keys held.
+    /// Number of keys (series) held.
     keys: usize,
 }
 
@@ -159,12 +164,42 @@ struct DeviceEntry {
     sensors: Vec<SensorEntry>,
 }
 
+/// One series (one KV key) of a device.
 struct SensorEntry {
+    /// The interned sensor name.
     id: u32,
+    /// `None` for a key without a tag hash: the series without tags (a vehicle's
+    /// `speed`), which costs no more than one pointer.
+    tagged: Option<Box<Tagged>>,
     value: f64,
     ts: i64,
     unit: Option<String>,
     quality: Option<String>,
+}
+
+/// What a series with tags adds to its entry.
+struct Tagged {
+    /// The key's tag hash, after `.=`: with the sensor id, the entry's identity.
+    hash: Box<str>,
+    /// The tags of its latest value, sorted by name.
+    tags: Vec<(String, String)>,
+}
+
+impl SensorEntry {
+    fn is(&self, id: u32, hash: Option<&str>) -> bool {
+        self.id == id && self.tagged.as_ref().map(|t| &*t.hash) == hash
+    }
+
+    fn tags(&self) -> &[(String, String)] {
+        self.tagged.as_ref().map_or(&[], |t| &t.tags)
+    }
+}
+
+/// Splits a key's series part into the sensor and the tag hash, if any.
+fn parse_series(series: &str) -> (&str, Option<&str>) {
+    let sensor = sensor_of(series);
+    // Past the end (no `.=`): `None`.
+    (sensor, series.get(sensor.len() + 2..))
 }
 
 impl std::fmt::Debug for Index {
@@ -240,7 +275,7 @@ impl Index {
         self.read().devices.len()
     }
 
-    /// Number of `<device>.<sensor>` keys.
+    /// Number of keys (series).
     pub fn keys(&self) -> usize {
         self.read().keys
     }
@@ -248,28 +283,38 @@ impl Index {
     /// Applies one KV entry (the watch calls this). Returns false for an entry that is not
     /// a fleetpipe state value (a malformed key or value), which is skipped.
     pub fn apply_entry(&self, key: &str, operation: kv::Operation, value: &[u8]) -> bool {
-        let Some((device, sensor)) = split_key(key) else {
+        let Some((device, series)) = split_key(key) else {
             return false;
         };
         match operation {
             kv::Operation::Put => match serde_json::from_slice::<StateValue>(value) {
                 Ok(v) => {
-                    self.apply_put(device, sensor, v);
+                    self.apply_put(device, series, v);
                     true
                 }
                 Err(_) => false,
             },
             kv::Operation::Delete | kv::Operation::Purge => {
-                self.apply_delete(device, sensor);
+                self.apply_delete(device, series);
                 true
             }
         }
     }
 
-    /// Sets a sensor's latest value (creating the device), and sends it to live clients.
-    pub fn apply_put(&self, device: &str, sensor: &str, v: StateValue) {
+    /// Sets a series' latest value (creating the device), and sends it to live clients.
+    /// `series` is the key's series part: the sensor, followed by `.=<hash>` for a series
+    /// with tags (whose tags are then the value's).
+    pub fn apply_put(&self, device: &str, series: &str, v: StateValue) {
+        let (sensor, hash) = parse_series(series);
+        // The tags of the series: a key without a hash is the series without tags (tags in
+        // its value, written before series had tags, are only the device's).
+        let series_tags: Vec<(String, String)> = match hash {
+            Some(_) => v.tags.iter().map(|(k, x)| (k.clone(), x.clone())).collect(),
+            None => Vec::new(),
+        };
         // Serialized before taking the lock, and only when someone listens.
-        let event = (self.live.receiver_count() > 0).then(|| live_event(device, sensor, &v));
+        let event =
+            (self.live.receiver_count() > 0).then(|| live_event(device, sensor, &series_tags, &v));
         {
             let mut g = self.write();
             let id = g.intern(sensor);
@@ -285,12 +330,18 @@ impl Index {
                 }
                 let entry = SensorEntry {
                     id,
+                    tagged: hash.map(|h| {
+                        Box::new(Tagged {
+                            hash: h.into(),
+                            tags: series_tags,
+                        })
+                    }),
                     value: v.value,
                     ts: v.ts,
                     unit: v.unit,
                     quality: v.quality,
                 };
-                match d.sensors.iter_mut().find(|s| s.id == id) {
+                match d.sensors.iter_mut().find(|s| s.is(id, hash)) {
                     Some(s) => *s = entry,
                     None => {
                         d.sensors.push(entry);
@@ -309,8 +360,10 @@ impl Index {
         }
     }
 
-    /// Removes a sensor, and the device with its last sensor.
-    pub fn apply_delete(&self, device: &str, sensor: &str) {
+    /// Removes a series (`series` as for [`Index::apply_put`]), and the device with its
+    /// last series.
+    pub fn apply_delete(&self, device: &str, series: &str) {
+        let (sensor, hash) = parse_series(series);
         let mut g = self.write();
         let Some(&id) = g.sensor_ids.get(sensor) else {
             return;
@@ -319,7 +372,7 @@ impl Index {
             return;
         };
         let before = d.sensors.len();
-        d.sensors.retain(|s| s.id != id);
+        d.sensors.retain(|s| !s.is(id, hash));
         let removed = before - d.sensors.len();
         let empty = d.sensors.is_empty();
         d.last_seen = d.sensors.iter().map(|s| s.ts).max().unwrap_or(0);
@@ -409,7 +462,9 @@ impl Index {
     }
 
     /// Device counts and per-sensor min/avg/max over the latest values. One pass over
-    /// every device: call it off the async threads for large fleets.
+    /// every device: call it off the async threads for large fleets. A sensor's figures
+    /// cover every series of it, whatever their tags: a device with four tag sets of
+    /// `cpu.usage_idle` adds four values (and 4 to its `count`).
     pub fn summary(&self, online: Online) -> Summary {
         #[derive(Clone)]
         struct Acc {
@@ -467,19 +522,24 @@ impl Index {
         }
     }
 
-    /// Whether a device and its sensor are known, with the sensor's unit.
-    pub fn sensor(&self, device: &str, sensor: &str) -> SensorLookup {
+    /// The series of a device's sensor (every tag set), with the unit of each latest
+    /// value; `None` for an unknown device (an empty list: it lacks the sensor).
+    pub fn series_of(&self, device: &str, sensor: &str) -> Option<Vec<IndexedSeries>> {
         let g = self.read();
-        let Some(d) = g.devices.get(device) else {
-            return SensorLookup::UnknownDevice;
+        let d = g.devices.get(device)?;
+        let Some(&id) = g.sensor_ids.get(sensor) else {
+            return Some(Vec::new());
         };
-        let id = g.sensor_ids.get(sensor);
-        match d.sensors.iter().find(|s| Some(&s.id) == id) {
-            Some(s) => SensorLookup::Known {
-                unit: s.unit.clone(),
-            },
-            None => SensorLookup::UnknownSensor,
-        }
+        Some(
+            d.sensors
+                .iter()
+                .filter(|s| s.id == id)
+                .map(|s| IndexedSeries {
+                    tags: s.tags().to_vec(),
+                    unit: s.unit.clone(),
+                })
+                .collect(),
+        )
     }
 }
 
@@ -495,33 +555,56 @@ impl Inner {
     }
 
     fn view(&self, id: &str, d: &DeviceEntry, online: Online) -> Device {
+        // With each value's time, to settle a clash of labels.
+        let mut sensors: BTreeMap<String, (i64, SensorValue)> = BTreeMap::new();
+        for s in &d.sensors {
+            let Some(name) = self.sensor_names.get(s.id as usize) else {
+                continue;
+            };
+            let (label, sensor, tags) = match &s.tagged {
+                None => (name.clone(), None, BTreeMap::new()),
+                Some(t) => {
+                    let label = if t.tags.is_empty() {
+                        // A hashed key whose value lost its tags: its key still tells it
+                        // from the others.
+                        format!("{name}.={}", t.hash)
+                    } else {
+                        let tags = t.tags.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+                        crate::tags::label(name, tags)
+                    };
+                    (label, Some(name.clone()), t.tags.iter().cloned().collect())
+                }
+            };
+            // Two keys of one label (the same tags under two hashes, which only a key
+            // written by hand can make): the newer value is shown.
+            if sensors.get(&label).is_some_and(|(ts, _)| *ts > s.ts) {
+                continue;
+            }
+            let value = SensorValue {
+                value: s.value,
+                ts: Timestamp::from_micros(s.ts).to_rfc3339(),
+                unit: s.unit.clone(),
+                quality: s.quality.clone(),
+                sensor,
+                tags,
+            };
+            sensors.insert(label, (s.ts, value));
+        }
         Device {
             id: id.to_string(),
             last_seen: Timestamp::from_micros(d.last_seen).to_rfc3339(),
             online: online.is(d.last_seen),
             tags: d.tags.clone(),
-            sensors: d
-                .sensors
-                .iter()
-                .filter_map(|s| {
-                    let name = self.sensor_names.get(s.id as usize)?;
-                    let value = SensorValue {
-                        value: s.value,
-                        ts: Timestamp::from_micros(s.ts).to_rfc3339(),
-                        unit: s.unit.clone(),
-                        quality: s.quality.clone(),
-                    };
-                    Some((name.clone(), value))
-                })
-                .collect(),
+            sensors: sensors.into_iter().map(|(k, (_, v))| (k, v)).collect(),
         }
     }
 }
 
-fn live_event(device: &str, sensor: &str, v: &StateValue) -> LiveEvent {
+fn live_event(device: &str, sensor: &str, tags: &[(String, String)], v: &StateValue) -> LiveEvent {
     let state = LiveState {
         device: device.to_string(),
         sensor: sensor.to_string(),
+        tags: tags.iter().cloned().collect(),
         value: v.value,
         ts: v.timestamp().to_rfc3339(),
         unit: v.unit.clone(),
@@ -801,6 +884,137 @@ mod tests {
         });
         writer.unwrap().join().unwrap();
         assert!(visited_new, "the update waited for the whole pass");
+    }
+
+    fn tagged(v: f64, tags: &[(&str, &str)]) -> StateValue {
+        let mut s = value(v, NOW);
+        s.unit = None;
+        s.tags = tags
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        s
+    }
+
+    /// Puts a Telegraf-style host: `cpu.usage_idle` for cpu0..cpu3, `mem.used_percent`.
+    fn telegraf_host(index: &Index) -> Vec<String> {
+        let mut keys = Vec::new();
+        for c in 0..4 {
+            let cpu = format!("cpu{c}");
+            let tags = [("cpu", cpu.as_str()), ("host", "h1")];
+            let pairs: Vec<(String, String)> = tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let key = fleetpipe_pipeline::state::key("h1", "cpu.usage_idle", &pairs);
+            let json = serde_json::to_vec(&tagged(90.0 + c as f64, &tags)).unwrap();
+            assert!(index.apply_entry(&key, kv::Operation::Put, &json));
+            keys.push(key);
+        }
+        let pairs = vec![("host".to_string(), "h1".to_string())];
+        let key = fleetpipe_pipeline::state::key("h1", "mem.used_percent", &pairs);
+        let json = serde_json::to_vec(&tagged(42.5, &[("host", "h1")])).unwrap();
+        assert!(index.apply_entry(&key, kv::Operation::Put, &json));
+        keys.push(key);
+        keys
+    }
+
+    #[test]
+    fn series_told_apart_by_tags() {
+        let index = Index::new();
+        let mut rx = index.subscribe();
+        let keys = telegraf_host(&index);
+        assert_eq!((index.devices(), index.keys()), (1, 5));
+        let d = index.device("h1", online()).unwrap();
+        let labels: Vec<&str> = d.sensors.keys().map(String::as_str).collect();
+        assert_eq!(
+            labels,
+            [
+                "cpu.usage_idle{cpu=cpu0,host=h1}",
+                "cpu.usage_idle{cpu=cpu1,host=h1}",
+                "cpu.usage_idle{cpu=cpu2,host=h1}",
+                "cpu.usage_idle{cpu=cpu3,host=h1}",
+                "mem.used_percent{host=h1}",
+            ]
+        );
+        let cpu2 = &d.sensors["cpu.usage_idle{cpu=cpu2,host=h1}"];
+        assert_eq!(cpu2.value, 92.0);
+        assert_eq!(cpu2.sensor.as_deref(), Some("cpu.usage_idle"));
+        assert_eq!(cpu2.tags["cpu"], "cpu2");
+        // A put to one series changes that one only.
+        let json = serde_json::to_vec(&tagged(50.0, &[("cpu", "cpu2"), ("host", "h1")])).unwrap();
+        assert!(index.apply_entry(&keys[2], kv::Operation::Put, &json));
+        let d = index.device("h1", online()).unwrap();
+        assert_eq!(d.sensors["cpu.usage_idle{cpu=cpu2,host=h1}"].value, 50.0);
+        assert_eq!(d.sensors["cpu.usage_idle{cpu=cpu1,host=h1}"].value, 91.0);
+        assert_eq!(index.keys(), 5);
+
+        // The index's series of a sensor, with their tags.
+        let series = index.series_of("h1", "cpu.usage_idle").unwrap();
+        assert_eq!(series.len(), 4);
+        assert_eq!(series[3].tags[0], ("cpu".to_string(), "cpu3".to_string()));
+        assert_eq!(index.series_of("h1", "nope"), Some(vec![]));
+        assert_eq!(index.series_of("h9", "cpu.usage_idle"), None);
+
+        // Live events name the sensor and carry the tags.
+        let e = rx.try_recv().unwrap();
+        assert_eq!((&*e.device, &*e.sensor), ("h1", "cpu.usage_idle"));
+        let state: LiveState = serde_json::from_str(&e.json).unwrap();
+        assert_eq!(state.tags["cpu"], "cpu0");
+
+        // The summary aggregates the tag sets of a sensor.
+        let s = index.summary(online());
+        assert_eq!(s.sensors["cpu.usage_idle"].count, 4);
+        assert_eq!(s.sensors["cpu.usage_idle"].max, 93.0);
+        assert_eq!(s.sensors.len(), 2);
+
+        // Deletes go by key: one series at a time.
+        assert!(index.apply_entry(&keys[0], kv::Operation::Delete, b""));
+        let d = index.device("h1", online()).unwrap();
+        assert_eq!(d.sensors.len(), 4);
+        assert!(!d.sensors.contains_key("cpu.usage_idle{cpu=cpu0,host=h1}"));
+        for key in &keys[1..] {
+            assert!(index.apply_entry(key, kv::Operation::Purge, b""));
+        }
+        assert_eq!((index.devices(), index.keys()), (0, 0));
+    }
+
+    #[test]
+    fn untagged_and_tagged_series_of_one_sensor() {
+        let index = Index::new();
+        // A plain key is the series without tags, even if its value (written before series
+        // had tags) carries the device's.
+        index.apply_put("v1", "speed", tagged(10.0, &[("site", "a")]));
+        index.apply_put(
+            "v1",
+            "speed.=00000000000000ff",
+            tagged(20.0, &[("site", "b")]),
+        );
+        let d = index.device("v1", online()).unwrap();
+        assert_eq!(d.sensors["speed"].value, 10.0);
+        assert_eq!(d.sensors["speed"].sensor, None);
+        assert!(d.sensors["speed"].tags.is_empty());
+        assert_eq!(d.sensors["speed{site=b}"].value, 20.0);
+        let json = serde_json::to_value(&d.sensors["speed"]).unwrap();
+        assert!(
+            json.get("tags").is_none() && json.get("sensor").is_none(),
+            "{json}"
+        );
+        let mut tags: Vec<Vec<(String, String)>> = index
+            .series_of("v1", "speed")
+            .unwrap()
+            .into_iter()
+            .map(|s| s.tags)
+            .collect();
+        tags.sort();
+        assert_eq!(tags, [vec![], vec![("site".into(), "b".into())]]);
+        index.apply_delete("v1", "speed");
+        let d = index.device("v1", online()).unwrap();
+        assert_eq!(d.sensors.keys().collect::<Vec<_>>(), ["speed{site=b}"]);
+        // A hashed key whose value has no tags keeps a label of its own.
+        index.apply_put("v1", "speed.=0000000000000001", value(5.0, NOW));
+        let d = index.device("v1", online()).unwrap();
+        assert_eq!(d.sensors["speed.=0000000000000001"].value, 5.0);
     }
 
     /// The summary over 100k devices with 5 sensors each. The time is printed, not

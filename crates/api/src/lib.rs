@@ -6,6 +6,8 @@
 //! * [`openapi`] — the OpenAPI document, generated from the handlers and [`model`];
 //! * [`metrics`] and [`broker_gauges`] — `/metrics`;
 //! * [`limits`] — what bounds the work of a request: time, store queries in flight, rows;
+//! * [`tags`] — series told apart by their tags: labels (`cpu.usage_idle{cpu=cpu0}`) and
+//!   how a request (or `fleetpipe history`) picks one series;
 //! * [`start`] — everything `fleetpipe serve` and `fleetpipe up` run: the watch, the broker
 //!   poller and the server, stopped together.
 //!
@@ -36,6 +38,7 @@ pub mod model;
 pub mod openapi;
 mod params;
 pub mod routes;
+pub mod tags;
 
 pub use broker_gauges::BrokerGauges;
 pub use error::ApiError;

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-/// One device: its latest value of every sensor.
+/// One device: the latest value of each of its series (a sensor with one tag set).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Device {
     /// The device id: the `{device}` token of its subjects.
@@ -18,13 +18,26 @@ pub struct Device {
     /// True when `last_seen` is within the online window (`api.online_window`, 30 s by
     /// default).
     pub online: bool,
-    /// Subject-template and line-protocol tags of the device's readings (`site`, `line`…).
+    /// Subject-template and line-protocol tags of the device's readings (`site`, `line`…):
+    /// every name seen, with the value its latest reading carried. Series are told apart
+    /// by their own tags, in `sensors`.
     pub tags: BTreeMap<String, String>,
-    /// Sensor name → latest value.
+    /// Series label → latest value. A series without tags is named by its sensor
+    /// (`speed`); one with tags by a label, Prometheus style: the sensor and its tags
+    /// sorted by name, `cpu.usage_idle{cpu=cpu0,host=h1}` (a `\`, `,`, `=`, `{` or `}` in a
+    /// tag name or value is escaped with `\`), and its entry also has `sensor` and
+    /// `tags`. Either form is accepted back as the `sensor` of the series endpoint.
+    #[schema(example = json!({
+        "speed": {"value": 88.5, "ts": "2026-02-15T10:00:00Z", "unit": "km/h"},
+        "cpu.usage_idle{cpu=cpu0,host=h1}": {
+            "value": 97.5, "ts": "2026-02-15T10:00:00Z", "unit": null,
+            "sensor": "cpu.usage_idle", "tags": {"cpu": "cpu0", "host": "h1"}
+        }
+    }))]
     pub sensors: BTreeMap<String, SensorValue>,
 }
 
-/// The latest value of one sensor.
+/// The latest value of one series.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct SensorValue {
     /// The latest reading.
@@ -37,6 +50,15 @@ pub struct SensorValue {
     /// Quality flag as sent by the device, when it sent one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quality: Option<String>,
+    /// The sensor name, for a series with tags (its key in `sensors` is a label); absent
+    /// for the series without tags, named by its sensor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "cpu.usage_idle")]
+    pub sensor: Option<String>,
+    /// The series' tags; absent when it has none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(example = json!({"cpu": "cpu0", "host": "h1"}))]
+    pub tags: BTreeMap<String, String>,
 }
 
 /// A page of devices.
@@ -63,14 +85,17 @@ pub enum SeriesSource {
     Rollup1m,
 }
 
-/// The history of one sensor of one device.
+/// The history of one series: a sensor of one device, with one tag set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Series {
     /// The device id.
     pub device: String,
-    /// The sensor name.
+    /// The sensor name (without tags, even when asked for by a label).
     pub sensor: String,
-    /// Unit of the sensor's latest value, when known.
+    /// The series' tags (`{}` for a series without tags).
+    #[schema(example = json!({"cpu": "cpu0", "host": "h1"}))]
+    pub tags: BTreeMap<String, String>,
+    /// Unit of the series' latest value, when known.
     pub unit: Option<String>,
     /// Where the points come from (the server's choice, see the endpoint's description).
     pub source: SeriesSource,
@@ -119,7 +144,8 @@ pub struct FleetSummary {
     pub online: u64,
     /// `devices - online`.
     pub offline: u64,
-    /// Sensor name → statistics over the latest value of every device that has it.
+    /// Sensor name → statistics over the latest value of every series of it, across
+    /// devices and tag sets (the four `cpu.usage_idle` series of a host add four values).
     pub sensors: BTreeMap<String, SensorStats>,
     /// Messages held in the dead-letter stream (or, before the broker has been polled,
     /// dead letters routed by this process).
@@ -129,7 +155,8 @@ pub struct FleetSummary {
 /// Statistics over the latest values of one sensor across the fleet.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct SensorStats {
-    /// Devices reporting this sensor.
+    /// Latest values counted: one per series, so one per device reporting the sensor
+    /// unless tags tell several series of it apart on a device.
     pub count: u64,
     /// Smallest latest value.
     pub min: f64,
@@ -139,13 +166,18 @@ pub struct SensorStats {
     pub max: f64,
 }
 
-/// The `data` of a `state` event on the live stream: a sensor's new latest value.
+/// The `data` of a `state` event on the live stream: a series' new latest value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct LiveState {
     /// The device id.
     pub device: String,
     /// The sensor name.
     pub sensor: String,
+    /// The series' tags; absent for a series without tags. With `sensor`, they give the
+    /// series' key in the device's `sensors` (its label).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(example = json!({"cpu": "cpu0", "host": "h1"}))]
+    pub tags: BTreeMap<String, String>,
     /// The new latest value.
     pub value: f64,
     /// When it was measured (RFC 3339, UTC).

@@ -270,6 +270,14 @@ async fn devices_bad_parameters() {
         ("online=maybe", "online must be one of true, false"),
         ("tag=site", "tag must be KEY:VALUE"),
         ("tag=:munich", "tag must be KEY:VALUE"),
+        (
+            "tag=site:mun%01ich",
+            "the tag value holds a control character",
+        ),
+        (
+            "tag=si%0Ate:munich",
+            "the tag name holds a control character",
+        ),
         ("limit=1&limit=2", "\"limit\" is given more than once"),
         (
             "sensor=speed",
@@ -411,7 +419,9 @@ async fn series_raw_and_rollups() {
     let (status, body) = get_json(&app, "/api/v1/devices/ghost/series?sensor=speed").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["points"].as_array().unwrap().len(), 60);
-    assert_eq!(body["unit"], Value::Null);
+    // The unit the store last saw, the latest state having none.
+    assert_eq!(body["unit"], "km/h");
+    assert_eq!(body["tags"], serde_json::json!({}));
     let (status, body) = get_json(&app, "/api/v1/devices/v00005/series?sensor=soc").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["unit"], "%");
@@ -457,7 +467,7 @@ async fn series_errors() {
         ("sensor=speed%20", "is not a sensor name"),
         (
             "sensor=speed&resolution=1m",
-            "unknown parameter \"resolution\"; accepted: sensor, from, to, step",
+            "unknown parameter \"resolution\"; accepted: sensor, tag, from, to, step",
         ),
     ];
     for (query, needle) in bad {
@@ -490,6 +500,336 @@ async fn series_errors() {
         "device \"v00001\" has no sensor \"altitude\"",
     )
     .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// series told apart by their tags (Telegraf)
+
+/// `cpu.usage_idle{cpu=cpu<c>,host=h1}`'s value: 90 + c, so each series is recognisable.
+fn cpu_tags(c: usize) -> Vec<(String, String)> {
+    vec![
+        ("cpu".to_string(), format!("cpu{c}")),
+        ("host".to_string(), "h1".to_string()),
+    ]
+}
+
+/// What Telegraf's `cpu` and `mem` inputs make of host `h1`: `cpu.usage_idle` for cpu0..cpu3
+/// and `mem.used_percent`, all tagged `host=h1`, a reading every 10 s over the last 10
+/// minutes in the store, the latest in the index (through their KV keys). Also
+/// `cpu.usage_idle` of `cpu4` in the index only (no reading stored yet), and a device
+/// `many` with 12 series of `x` told apart by a tag `n`.
+async fn add_telegraf_host(state: &AppState, now: i64) {
+    let mut records = Vec::new();
+    let mut put =
+        |device: &str, sensor: &str, tags: &[(String, String)], value: f64, store: bool| {
+            let key = fleetpipe_pipeline::state::key(device, sensor, tags);
+            let v = StateValue {
+                value,
+                ts: now,
+                unit: Some("%".into()),
+                quality: None,
+                tags: tags.iter().cloned().collect(),
+                seq: 0,
+            };
+            let json = serde_json::to_vec(&v).unwrap();
+            assert!(state.index.apply_entry(
+                &key,
+                async_nats::jetstream::kv::Operation::Put,
+                &json
+            ));
+            if store {
+                for k in 0..60 {
+                    records.push(Record {
+                        seq: 1_000_000 + records.len() as u64,
+                        reading: Reading {
+                            device: device.into(),
+                            sensor: sensor.into(),
+                            value,
+                            ts: Timestamp::from_micros(now - 10 * MIN + k * 10 * SEC),
+                            unit: Some("%".into()),
+                            quality: None,
+                            tags: fleetpipe_proto::canonical_tags(tags),
+                        },
+                    });
+                }
+            }
+        };
+    for c in 0..4 {
+        put("h1", "cpu.usage_idle", &cpu_tags(c), 90.0 + c as f64, true);
+    }
+    let host = [("host".to_string(), "h1".to_string())];
+    put("h1", "mem.used_percent", &host, 42.5, true);
+    put("h1", "cpu.usage_idle", &cpu_tags(4), 94.0, false);
+    for n in 0..12 {
+        put(
+            "many",
+            "x",
+            &[("n".to_string(), format!("{n:02}"))],
+            n as f64,
+            true,
+        );
+    }
+    state.store.write_readings(&records).await.unwrap();
+}
+
+#[tokio::test]
+async fn tagged_series_are_listed_with_their_tags() {
+    let f = Fixture::new().await;
+    add_telegraf_host(&f.state, f.now).await;
+    let app = f.app();
+    let (status, body) = get_json(&app, "/api/v1/devices/h1").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let sensors = body["sensors"].as_object().unwrap();
+    let labels: Vec<&str> = sensors.keys().map(String::as_str).collect();
+    assert_eq!(
+        labels,
+        [
+            "cpu.usage_idle{cpu=cpu0,host=h1}",
+            "cpu.usage_idle{cpu=cpu1,host=h1}",
+            "cpu.usage_idle{cpu=cpu2,host=h1}",
+            "cpu.usage_idle{cpu=cpu3,host=h1}",
+            "cpu.usage_idle{cpu=cpu4,host=h1}",
+            "mem.used_percent{host=h1}",
+        ]
+    );
+    let ts = Timestamp::from_micros(f.now).to_rfc3339();
+    assert_eq!(
+        sensors["cpu.usage_idle{cpu=cpu2,host=h1}"],
+        serde_json::json!({
+            "value": 92.0, "ts": ts, "unit": "%",
+            "sensor": "cpu.usage_idle", "tags": {"cpu": "cpu2", "host": "h1"}
+        })
+    );
+    let idle: Vec<&Value> = sensors
+        .values()
+        .filter(|v| v["sensor"] == "cpu.usage_idle")
+        .collect();
+    assert_eq!(idle.len(), 5);
+    assert_eq!(sensors["mem.used_percent{host=h1}"]["tags"]["host"], "h1");
+    // Untagged series are unchanged: keyed by the sensor, no `sensor` or `tags`.
+    let (_, body) = get_json(&app, "/api/v1/devices/v00001").await;
+    assert!(body["sensors"]["speed"].get("tags").is_none(), "{body}");
+    assert!(body["sensors"]["speed"].get("sensor").is_none(), "{body}");
+
+    // The list shows them too, and the summary aggregates a sensor's tag sets.
+    let (_, body) = get_json(&app, "/api/v1/devices?prefix=h").await;
+    assert_eq!(body["items"][0]["sensors"].as_object().unwrap().len(), 6);
+    let (_, body) = get_json(&app, "/api/v1/fleet/summary").await;
+    assert_eq!(
+        body["sensors"]["cpu.usage_idle"],
+        serde_json::json!({"count": 5, "min": 90.0, "avg": 92.0, "max": 94.0})
+    );
+}
+
+#[tokio::test]
+async fn series_picked_by_their_tags() {
+    let f = Fixture::new().await;
+    add_telegraf_host(&f.state, f.now).await;
+    let app = f.app();
+    let base = "/api/v1/devices/h1/series?from=-15m";
+    let values = |body: &Value| -> Vec<f64> {
+        body["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["value"].as_f64().unwrap())
+            .collect()
+    };
+
+    // One tag tells the four apart.
+    let (status, body) =
+        get_json(&app, &format!("{base}&sensor=cpu.usage_idle&tag=cpu:cpu2")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["sensor"], "cpu.usage_idle");
+    assert_eq!(
+        body["tags"],
+        serde_json::json!({"cpu": "cpu2", "host": "h1"})
+    );
+    assert_eq!(body["unit"], "%");
+    assert_eq!(body["source"], "raw");
+    assert_eq!(values(&body), vec![92.0; 60]);
+    // Every tag, in any order, and as rollups.
+    let (status, body) = get_json(
+        &app,
+        &format!("{base}&tag=host:h1&sensor=cpu.usage_idle&tag=cpu%3Acpu3&step=1m"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["source"], "rollup_1m");
+    assert_eq!(body["tags"]["cpu"], "cpu3");
+    let total: u64 = body["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 60);
+    assert!(values(&body).iter().all(|v| *v == 93.0));
+
+    // A sensor with one series needs no tag.
+    let (status, body) = get_json(&app, &format!("{base}&sensor=mem.used_percent")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["tags"], serde_json::json!({"host": "h1"}));
+    assert_eq!(values(&body).len(), 60);
+
+    // Every key of the device's `sensors` names its series (the label form).
+    let (_, device) = get_json(&app, "/api/v1/devices/h1").await;
+    for (label, latest) in device["sensors"].as_object().unwrap() {
+        let q: String = form_urlencoded::Serializer::new(String::new())
+            .append_pair("sensor", label)
+            .finish();
+        let (status, body) = get_json(&app, &format!("{base}&{q}")).await;
+        assert_eq!(status, StatusCode::OK, "{label}: {body}");
+        assert_eq!(body["sensor"], latest["sensor"], "{label}");
+        assert_eq!(body["tags"], latest["tags"], "{label}");
+    }
+    let (status, body) = get_json(
+        &app,
+        &format!("{base}&sensor=cpu.usage_idle%7Bcpu%3Dcpu1%2Chost%3Dh1%7D"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(values(&body), vec![91.0; 60]);
+    // A series the latest state has but the store has no reading of yet: no points.
+    let (status, body) =
+        get_json(&app, &format!("{base}&sensor=cpu.usage_idle&tag=cpu:cpu4")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["points"], serde_json::json!([]));
+    assert_eq!(body["tags"]["cpu"], "cpu4");
+
+    // No tag, or one every series has: a 400 listing the tag sets and how to pick one.
+    for query in ["sensor=cpu.usage_idle", "sensor=cpu.usage_idle&tag=host:h1"] {
+        let (status, body) = get_json(&app, &format!("{base}&{query}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {body}");
+        let message = body["error"].as_str().unwrap();
+        for needle in [
+            "device \"h1\" has 5 series of sensor \"cpu.usage_idle\"",
+            "{cpu=cpu0,host=h1}, {cpu=cpu1,host=h1}, {cpu=cpu2,host=h1}, {cpu=cpu3,host=h1}, \
+             {cpu=cpu4,host=h1}",
+            "add tag=cpu:cpu0",
+            "sensor=cpu.usage_idle{cpu=cpu0,host=h1}",
+        ] {
+            assert!(
+                message.contains(needle),
+                "{query}: {message:?} lacks {needle:?}"
+            );
+        }
+    }
+    assert_error(
+        &app,
+        &format!("{base}&sensor=cpu.usage_idle&tag=host:h1"),
+        StatusCode::BAD_REQUEST,
+        "with the tags {host=h1}",
+    )
+    .await;
+    // At most 10 tag sets are listed.
+    assert_error(
+        &app,
+        "/api/v1/devices/many/series?sensor=x",
+        StatusCode::BAD_REQUEST,
+        "{n=08}, {n=09}, and 2 more; pick one: add tag=n:00",
+    )
+    .await;
+
+    // Tags no series has: a 404 saying which tag sets there are.
+    for query in [
+        "sensor=cpu.usage_idle&tag=cpu:cpu9",
+        "sensor=cpu.usage_idle&tag=cpu:cpu0&tag=cpu:cpu1",
+        "sensor=cpu.usage_idle%7Bcpu%3Dcpu0%7D&tag=host:h2",
+        "sensor=mem.used_percent&tag=cpu:cpu0",
+    ] {
+        let (status, body) = get_json(&app, &format!("{base}&{query}")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{query}: {body}");
+        let message = body["error"].as_str().unwrap();
+        assert!(message.contains("has no series of sensor"), "{message}");
+        assert!(message.contains("its tag sets: {"), "{message}");
+    }
+    assert_error(
+        &app,
+        &format!("{base}&sensor=cpu.usage_idle&tag=cpu:cpu9"),
+        StatusCode::NOT_FOUND,
+        "with the tags {cpu=cpu9}",
+    )
+    .await;
+    // A tag on a device or sensor that does not exist changes nothing to those 404s.
+    assert_error(
+        &app,
+        "/api/v1/devices/h1/series?sensor=disk.free&tag=path:/",
+        StatusCode::NOT_FOUND,
+        "device \"h1\" has no sensor \"disk.free\"",
+    )
+    .await;
+    assert_error(
+        &app,
+        "/api/v1/devices/h9/series?sensor=cpu.usage_idle&tag=cpu:cpu0",
+        StatusCode::NOT_FOUND,
+        "device \"h9\" not found",
+    )
+    .await;
+
+    // Bad tags and labels: precise 400s.
+    let long = "x".repeat(300);
+    let (long_value, long_name) = (format!("tag=cpu:{long}"), format!("tag={long}:x"));
+    let bad = [
+        ("tag=cpu", "tag must be KEY:VALUE"),
+        ("tag=:cpu0", "tag must be KEY:VALUE"),
+        ("tag=cpu:cpu%000", "the tag value holds a control character"),
+        ("tag=c%1Bpu:cpu0", "the tag name holds a control character"),
+        (
+            long_value.as_str(),
+            "the tag value is 300 bytes long, more than 256",
+        ),
+        (long_name.as_str(), "the tag name is 300 bytes long"),
+        (
+            "sensor=cpu.usage_idle%7Bcpu%3Dcpu0",
+            "is not a series label: its tags do not end",
+        ),
+        (
+            "sensor=cpu.usage_idle%7Bcpu%7D",
+            "\"cpu\" is not NAME=VALUE",
+        ),
+        ("sensor=cpu.usage_idle%7Bcpu%3D0%7Dx", "follows the closing"),
+        ("sensor=cpu.usage_idle%7B%3D0%7D", "the tag name is empty"),
+        ("sensor=cpu.%7Ba%3Db%7D", "\"cpu.\" is not a sensor name"),
+        ("sensor=%7Ba%3Db%7D", "\"\" is not a sensor name"),
+    ];
+    for (query, needle) in bad {
+        let uri = format!("/api/v1/devices/h1/series?sensor=cpu.usage_idle&{query}");
+        let uri = if query.starts_with("sensor=") {
+            format!("/api/v1/devices/h1/series?{query}")
+        } else {
+            uri
+        };
+        assert_error(&app, &uri, StatusCode::BAD_REQUEST, needle).await;
+    }
+}
+
+#[tokio::test]
+async fn live_events_carry_tags() {
+    let f = Fixture::new().await;
+    let app = f.app();
+    let live = open_live(&app, "?device=h1").await;
+    let sensor = open_live(&app, "?sensor=cpu.usage_idle").await;
+    add_telegraf_host(&f.state, f.now).await;
+    let events = read_events(live, 6).await;
+    assert_eq!(events.len(), 6);
+    let ts = Timestamp::from_micros(f.now).to_rfc3339();
+    assert_eq!(
+        events[2].1,
+        serde_json::json!({
+            "device": "h1", "sensor": "cpu.usage_idle",
+            "tags": {"cpu": "cpu2", "host": "h1"},
+            "value": 92.0, "ts": ts, "unit": "%"
+        })
+    );
+    assert_eq!(events[4].1["tags"], serde_json::json!({"host": "h1"}));
+    // The sensor filter takes every tag set of the sensor.
+    let events = read_events(sensor, 5).await;
+    let cpus: Vec<&str> = events
+        .iter()
+        .map(|(_, e)| e["tags"]["cpu"].as_str().unwrap())
+        .collect();
+    assert_eq!(cpus, ["cpu0", "cpu1", "cpu2", "cpu3", "cpu4"]);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1068,6 +1408,42 @@ async fn watch_replays_the_bucket_then_follows_it() {
     bucket.delete("d1.gps.lat").await.unwrap();
     wait_until(|| index.keys() == 50).await;
 
+    // Series with tags: a key each; live events carry the tags; deletes go by key.
+    let live = open_live(&app, "?device=h1").await;
+    let mut keys = Vec::new();
+    for c in 0..4 {
+        let tags = cpu_tags(c);
+        let key = fleetpipe_pipeline::state::key("h1", "cpu.usage_idle", &tags);
+        let pairs: Vec<(&str, &str)> = tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        put(&key, state(90.0 + c as f64, ts, None, &pairs)).await;
+        keys.push(key);
+    }
+    let events = read_events(live, 4).await;
+    assert_eq!(events[1].1["sensor"], "cpu.usage_idle");
+    assert_eq!(
+        events[1].1["tags"],
+        serde_json::json!({"cpu": "cpu1", "host": "h1"})
+    );
+    wait_until(|| index.keys() == 54).await;
+    let (_, body) = get_json(&app, "/api/v1/devices/h1").await;
+    assert_eq!(body["sensors"].as_object().unwrap().len(), 4, "{body}");
+    assert_eq!(
+        body["sensors"]["cpu.usage_idle{cpu=cpu3,host=h1}"]["value"],
+        93.0
+    );
+    bucket.delete(&keys[3]).await.unwrap();
+    wait_until(|| index.keys() == 53).await;
+    let (_, body) = get_json(&app, "/api/v1/devices/h1").await;
+    let labels: Vec<&String> = body["sensors"].as_object().unwrap().keys().collect();
+    assert_eq!(
+        labels,
+        [
+            "cpu.usage_idle{cpu=cpu0,host=h1}",
+            "cpu.usage_idle{cpu=cpu1,host=h1}",
+            "cpu.usage_idle{cpu=cpu2,host=h1}",
+        ]
+    );
+
     // NATS gone: not ready.
     server.kill();
     wait_until(|| client.connection_state() != async_nats::connection::State::Connected).await;
@@ -1135,6 +1511,17 @@ mod fuzz {
         "site:munich",
         "site:",
         ":",
+        "h1",
+        "many",
+        "cpu.usage_idle",
+        "cpu:cpu0",
+        "cpu:cpu9",
+        "host:h1",
+        "cpu.usage_idle%7Bcpu%3Dcpu0%2Chost%3Dh1%7D",
+        "cpu.usage_idle%7Bcpu%3Dcpu0",
+        "x%7B%7D",
+        "speed%7B%5C%7D",
+        "%7B",
         "now",
         "-10m",
         "10m",
@@ -1236,6 +1623,7 @@ mod fuzz {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn no_5xx_from_random_requests() {
         let f = Fixture::new().await;
+        add_telegraf_host(&f.state, f.now).await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(fleetpipe_api::serve(listener, f.state.clone()));

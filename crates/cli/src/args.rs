@@ -257,7 +257,13 @@ pub struct StateArgs {
 #[derive(Args, Debug, Clone)]
 pub struct HistoryArgs {
     pub device: String,
+    /// A sensor name (`speed`), or a series label with its tags as `fleetpipe state` and
+    /// the API show them (`'cpu.usage_idle{cpu=cpu0,host=h1}'`).
     pub sensor: String,
+    /// Only the series with this tag; repeat for several (all must match). Needed when
+    /// the sensor has several series told apart by their tags (Telegraf's `cpu=cpu0` …).
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    pub tags: Vec<String>,
     /// Start: a duration back from now (10m, 2h) or an RFC 3339 time.
     #[arg(long, default_value = "10m")]
     pub since: String,

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
+use fleetpipe_api::tags::{self, Pick};
 use fleetpipe_device::simulate::{self, PayloadForm, SimConfig, SimStats};
 use fleetpipe_pipeline::aggregator::Aggregator;
 use fleetpipe_pipeline::broker::{self, Broker};
@@ -105,15 +106,21 @@ fn nats_url(config: &Config) -> String {
 
 async fn open_store(config: &Config) -> Result<Arc<dyn Store>> {
     let url = config.store_url();
+    create_store_dir(&url)?;
+    fleetpipe_store::open(&url)
+        .await
+        .with_context(|| format!("cannot open the store at {}", redact(&url)))
+}
+
+/// Creates the directory of a SQLite store's file.
+fn create_store_dir(url: &str) -> Result<()> {
     if let Some(path) = url.strip_prefix("sqlite://") {
         if let Some(parent) = Path::new(path).parent() {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("cannot create {}", parent.display()))?;
         }
     }
-    fleetpipe_store::open(&url)
-        .await
-        .with_context(|| format!("cannot open the store at {}", redact(&url)))
+    Ok(())
 }
 
 /// Hides a password in a URL before it is printed.
@@ -406,7 +413,12 @@ async fn collect(config: Config, json: bool) -> Result<()> {
 /// The HTTP API and dashboard alone: mirrors the latest state, reads the store.
 async fn serve(config: Config) -> Result<()> {
     let (client, broker) = connect(&config, "fleetpipe-serve").await?;
-    let store = open_store(&config).await?;
+    // As in `up`: with PostgreSQL, a pool sized for the API's limit on queries in flight.
+    let url = config.store_url();
+    create_store_dir(&url)?;
+    let store = fleetpipe_api::open_store(&url, &config.api)
+        .await
+        .with_context(|| format!("cannot open the store at {}", redact(&url)))?;
     let stats = Arc::new(Stats::default());
     let api = fleetpipe_api::start(&config, client.clone(), &broker, store, stats).await?;
     tracing::info!("dashboard on {}; Ctrl-C stops", api.url());
@@ -504,6 +516,10 @@ async fn simulate_cmd(config: Config, a: SimulateArgs) -> Result<()> {
 }
 
 async fn state(config: Config, a: StateArgs) -> Result<()> {
+    // Before anything is touched: the device becomes part of a subject filter.
+    if let Some(d) = &a.device {
+        inspect::check_device(d)?;
+    }
     validate(&config)?;
     let (_client, broker) = connect(&config, "fleetpipe-state").await?;
     let entries = inspect::latest_state(&broker.state, a.device.as_deref()).await?;
@@ -524,10 +540,22 @@ async fn state(config: Config, a: StateArgs) -> Result<()> {
         "DEVICE", "SENSOR", "VALUE", "UNIT"
     );
     for e in entries {
+        // A sensor with several tag sets has a row per tag set.
+        let series = if e.state.tags.is_empty() {
+            e.sensor.clone()
+        } else {
+            let tags: Vec<String> = e
+                .state
+                .tags
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            format!("{}{{{}}}", e.sensor, tags.join(","))
+        };
         println!(
             "{:<16} {:<24} {:>14} {:<8} {}",
             e.device,
-            e.sensor,
+            series,
             e.state.value,
             e.state.unit.as_deref().unwrap_or("-"),
             e.state.timestamp()
@@ -546,7 +574,29 @@ fn parse_when(s: &str, now: Timestamp) -> Result<Timestamp> {
     Ok(now.saturating_add_micros(-(d.as_micros() as i64)))
 }
 
+/// A `--tag`: `KEY=VALUE` or `KEY:VALUE`, split at the first `=` or `:`.
+fn parse_tag_arg(t: &str) -> Result<(String, String)> {
+    match t.find(['=', ':']) {
+        Some(i) if i > 0 => {
+            let (k, v) = (&t[..i], &t[i + 1..]);
+            if let Some(problem) = tags::check_tag(k, v) {
+                bail!("invalid --tag {t:?}: {problem}");
+            }
+            Ok((k.to_string(), v.to_string()))
+        }
+        _ => bail!("--tag must be KEY=VALUE (cpu=cpu0), got {t:?}"),
+    }
+}
+
 async fn history(config: Config, a: HistoryArgs) -> Result<()> {
+    inspect::check_device(&a.device)?;
+    let (sensor, label_tags) = tags::parse_label(&a.sensor)
+        .map_err(|problem| anyhow::anyhow!("invalid sensor {:?}: {problem}", a.sensor))?;
+    inspect::check_sensor(sensor)?;
+    let mut wanted = label_tags.unwrap_or_default();
+    for t in &a.tags {
+        wanted.push(parse_tag_arg(t)?);
+    }
     validate(&config)?;
     let store = open_store(&config).await?;
     let now = Timestamp::now();
@@ -558,22 +608,76 @@ async fn history(config: Config, a: HistoryArgs) -> Result<()> {
     if from >= to {
         bail!("--since must be before --until");
     }
-    let points = store
-        .history(&a.device, &a.sensor, Range { from, to }, a.limit)
-        .await?;
+    // The one series asked for among the sensor's tag sets, as the API's series endpoint
+    // picks it; none stored at all is an empty history.
+    let found = store.series(&a.device, Some(sensor)).await?;
+    let show = |t: &[(String, String)]| tags::tag_set(t.iter().map(|(k, v)| (&**k, &**v)));
+    let series = match tags::pick(&found, |s| &s.tags, &wanted) {
+        Pick::One(s) => Some(s),
+        Pick::None if found.is_empty() => None,
+        Pick::None => bail!(
+            "{} {sensor} has no series with the tags {}; its tag sets: {}",
+            a.device,
+            show(&wanted),
+            tags::list_tag_sets(found.iter().map(|s| &s.tags[..]))
+        ),
+        Pick::Several(matches) => {
+            let sets: Vec<&[(String, String)]> = matches.iter().map(|s| &s.tags[..]).collect();
+            let label = tags::label(sensor, sets[0].iter().map(|(k, v)| (&**k, &**v)));
+            let hint = match tags::telling_tag(&sets) {
+                Some((k, v)) => format!("add --tag {k}={v}, or "),
+                None => String::new(),
+            };
+            bail!(
+                "{} {sensor} has {} series{}, told apart by their tags: {}; pick one: {hint}\
+                 name it in full as '{label}'",
+                a.device,
+                matches.len(),
+                if wanted.is_empty() {
+                    String::new()
+                } else {
+                    format!(" with the tags {}", show(&wanted))
+                },
+                tags::list_tag_sets(sets.iter().copied()),
+            )
+        }
+    };
+    let points = match series {
+        Some(s) => {
+            store
+                .series_history(&s.key(), Range { from, to }, a.limit)
+                .await?
+        }
+        None => Vec::new(),
+    };
+    let series_tags = series.map_or_else(Vec::new, |s| s.tags.to_vec());
+    let label = tags::label(sensor, series_tags.iter().map(|(k, v)| (&**k, &**v)));
     if a.json {
+        let tag_map: serde_json::Map<String, serde_json::Value> = series_tags
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect();
         let rows: Vec<_> = points
             .iter()
-            .map(|p| serde_json::json!({"ts": p.ts.to_rfc3339(), "value": p.value, "quality": p.quality}))
+            .map(|p| {
+                serde_json::json!({
+                    "ts": p.ts.to_rfc3339(),
+                    "value": p.value,
+                    "quality": p.quality,
+                    "tags": tag_map,
+                })
+            })
             .collect();
         return print_json(&rows);
     }
     if points.is_empty() {
         eprintln!(
-            "no readings of {} {} between {from} and {to}",
-            a.device, a.sensor
+            "no readings of {} {label} between {from} and {to}",
+            a.device
         );
+        return Ok(());
     }
+    println!("# {} {label}", a.device);
     for p in points {
         println!("{}  {}", p.ts, p.value);
     }

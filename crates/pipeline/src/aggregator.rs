@@ -41,7 +41,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::state::{split_key, StateValue};
+use crate::state::{label, sensor_of, split_key, StateValue};
 use crate::stats::Stats;
 
 /// The lease key in the lease bucket.
@@ -59,8 +59,9 @@ const PURGES_IN_FLIGHT: usize = 32;
 /// The in-memory copy of the latest-state bucket.
 #[derive(Default)]
 struct Mirror {
-    /// device → sensor → latest value: the snapshot rows.
-    devices: HashMap<String, BTreeMap<String, f64>>,
+    /// device → series (the key's part after the device) → its label in a snapshot row
+    /// (the sensor, with its tags when it has any: `cpu.usage{cpu=cpu0}`) and latest value.
+    devices: HashMap<String, BTreeMap<String, (String, f64)>>,
     /// Every key (opaque here) → the timestamp of its value (Unix µs) and its revision,
     /// for the idle purge.
     keys: HashMap<String, (i64, u64)>,
@@ -296,10 +297,10 @@ fn snapshot_rows(mirror: &Mutex<Mirror>, ts: Timestamp) -> Vec<Snapshot> {
     };
     m.devices
         .iter()
-        .map(|(device, values)| Snapshot {
+        .map(|(device, series)| Snapshot {
             device: device.clone(),
             ts,
-            values: values.clone(),
+            values: series.values().cloned().collect(),
         })
         .collect()
 }
@@ -353,11 +354,15 @@ fn apply(m: &mut Mirror, entry: &kv::Entry) {
                 return;
             };
             m.keys.insert(entry.key.clone(), (v.ts, entry.revision));
-            if let Some((device, sensor)) = split_key(&entry.key) {
+            if let Some((device, series)) = split_key(&entry.key) {
+                let label = label(
+                    sensor_of(series),
+                    v.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                );
                 m.devices
                     .entry(device.to_string())
                     .or_default()
-                    .insert(sensor.to_string(), v.value);
+                    .insert(series.to_string(), (label, v.value));
             }
         }
         kv::Operation::Delete | kv::Operation::Purge => {

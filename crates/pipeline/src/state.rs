@@ -76,6 +76,48 @@ pub fn sensor_of(series: &str) -> &str {
     }
 }
 
+/// How people see a series of a device: its sensor, followed by its tags when it has any,
+/// Prometheus style (`cpu.usage_idle{cpu=cpu0,host=h1}`); `\ , = { }` inside a name or
+/// value are escaped with `\`, so a label parses back. Names snapshot values, the API's
+/// sensor keys and the CLI's output.
+pub fn label<'a>(sensor: &str, tags: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    let mut tags = tags.into_iter().peekable();
+    if tags.peek().is_none() {
+        return sensor.to_string();
+    }
+    let mut out = sensor.to_string();
+    out.push_str(&tag_set(tags));
+    out
+}
+
+/// A tag set as written in a label: `{k=v,k2=v2}` (in the order given; canonical tags are
+/// sorted by name), `{}` for none.
+pub fn tag_set<'a>(tags: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    let mut out = String::from("{");
+    for (i, (k, v)) in tags.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        escape_into(&mut out, k);
+        out.push('=');
+        escape_into(&mut out, v);
+    }
+    out.push('}');
+    out
+}
+
+/// Characters escaped in labels.
+pub const LABEL_ESCAPED: &[char] = &['\\', ',', '=', '{', '}'];
+
+fn escape_into(out: &mut String, s: &str) {
+    for c in s.chars() {
+        if LABEL_ESCAPED.contains(&c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+}
+
 /// FNV-1a over the tags, names and values each followed by a 0xff byte (which UTF-8 text
 /// never holds): stable across processes and releases, unlike std's randomly keyed
 /// hashers, so every collector computes the same key. A device can make two of its own
@@ -127,6 +169,15 @@ mod tests {
         let (device, series) = split_key(&cpu0).unwrap();
         assert_eq!((device, sensor_of(series)), ("h1", "cpu.usage_idle"));
         assert_eq!(sensor_of("spindle.vibration.rms"), "spindle.vibration.rms");
+        let tags: BTreeMap<String, String> =
+            t(&[("host", "h1"), ("cpu", "cpu0")]).into_iter().collect();
+        let pairs = tags.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        assert_eq!(
+            label("cpu.usage_idle", pairs),
+            "cpu.usage_idle{cpu=cpu0,host=h1}"
+        );
+        assert_eq!(label("speed", []), "speed");
+        assert_eq!(label("s", [("a,b", "c=d{}\\")]), r"s{a\,b=c\=d\{\}\\}");
         for k in [cpu0, key("d", "s", &t(&[("k", "v with spaces/and.dots")]))] {
             assert!(k
                 .bytes()

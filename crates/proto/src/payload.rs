@@ -21,7 +21,7 @@
 //! Tags are kept on the readings, with the subject's; a tag named twice in a line, or named
 //! like one of the subject template's, refuses the line. The timestamp is an integer in the
 //! same epoch units as JSON (Telegraf sends nanoseconds). A bad line is refused on its own;
-//! the good lines of the same message are kept.
+//! the good lines of the same message are kept. A message of nothing but comments is refused.
 //!
 //! **Repeated points.** Two readings of one message with the same sensor, tags and timestamp
 //! (two identical lines without timestamps, a field repeated in a line) would be one point
@@ -34,8 +34,8 @@
 //! [`Limits::max_tags`] tags per reading and [`Limits::max_tag_bytes`] per tag key or value
 //! (a line over either is refused alone, `limit`). Tags, units and quality flags hold no
 //! control character (U+0000–U+001F, U+007F): PostgreSQL text cannot hold NUL, and both
-//! stores must accept the same input. A message keeps at most [`MAX_REJECTS`] rejects plus
-//! one saying how many more there were, each at most
+//! stores must accept the same input. A message keeps at most [`MAX_REJECTS`] rejects (not
+//! counting the readings limit's) plus one saying how many more there were, each at most
 //! [`MAX_REJECT_MESSAGE`](crate::MAX_REJECT_MESSAGE) bytes. [`Decoded::decoded_bytes`]
 //! states the resulting bound on what one payload byte can cost.
 
@@ -501,11 +501,13 @@ fn decode_line_protocol(text: &str, ctx: &Context<'_>, out: &mut Decoded) {
     // series share them.
     let mut last_tags: Option<(&str, Tags)> = None;
     let mut lines = text.lines().enumerate();
+    let mut data_lines = 0;
     while let Some((n, line)) = lines.next() {
         let line = line.trim();
         if !is_data_line(line) {
             continue;
         }
+        data_lines += 1;
         let room = ctx
             .limits
             .max_readings
@@ -517,12 +519,17 @@ fn decode_line_protocol(text: &str, ctx: &Context<'_>, out: &mut Decoded) {
                 format!("line {}: {} (in {:?})", n + 1, e.message, preview(line))
             }),
             Err(LineError::TooManyReadings) => {
-                let after = lines.filter(|(_, l)| is_data_line(l.trim())).count();
+                let skipped = 1 + lines.filter(|(_, l)| is_data_line(l.trim())).count();
+                let (lines, were) = if skipped == 1 {
+                    ("line", "was")
+                } else {
+                    ("lines", "were")
+                };
                 out.rejects.push(Reject::new(
                     RejectCode::Limit,
                     format!(
-                        "line {}: a message may hold at most {} readings; this line and the {after} \
-                         after it were not decoded",
+                        "line {}: over the limit of {} readings per message; {skipped} {lines} \
+                         from this one on {were} not decoded",
                         n + 1,
                         ctx.limits.max_readings
                     ),
@@ -530,6 +537,12 @@ fn decode_line_protocol(text: &str, ctx: &Context<'_>, out: &mut Decoded) {
                 break;
             }
         }
+    }
+    if data_lines == 0 {
+        // Nothing silent: a message without a line to decode is refused.
+        sink.push(&mut out.rejects, RejectCode::LineProtocol, || {
+            "no line to decode, only comments".into()
+        });
     }
     drop_repeated_points(out, start, &line_starts, &mut sink);
     sink.finish(&mut out.rejects);
@@ -700,10 +713,15 @@ fn line_tags(section: &str, ctx: &Context<'_>) -> Result<Tags, Reject> {
     // too many, and before copying any.
     let most = (section.len() + 1) / 4;
     if most > room && count_items(section, b',', room) > room {
-        return Err(limit_err(format!(
-            "more than {room} tags (with the subject's {subject}, over the limit of {} per reading)",
-            limits.max_tags
-        )));
+        return Err(limit_err(if subject == 0 {
+            format!("more than {room} tags, the limit per reading")
+        } else {
+            format!(
+                "more than {room} tags: with the subject's {subject}, over the limit of {} per \
+                 reading",
+                limits.max_tags
+            )
+        }));
     }
     let mut tags: Vec<(String, String)> = Vec::with_capacity(subject + most.min(room));
     tags.extend_from_slice(ctx.subject_tags);
@@ -740,7 +758,7 @@ fn line_tags(section: &str, ctx: &Context<'_>) -> Result<Tags, Reject> {
 fn tag_text(what: &str, raw: &str, limits: &Limits) -> Result<String, Reject> {
     let too_long = |len: usize| {
         limit_err(format!(
-            "tag {what} {:?}… is {len} bytes, the limit is {}",
+            "tag {what} {:?} is {len} bytes, the limit is {}",
             preview(raw),
             limits.max_tag_bytes
         ))

@@ -151,36 +151,97 @@ impl PgServer {
 
     fn start_server(&mut self) {
         for _ in 0..START_ATTEMPTS {
-            // Only this attempt's log tells why it failed.
-            let _ = std::fs::remove_file(self.log());
             self.port = crate::free_port();
-            let options = format!(
-                "-p {} -k {} -c listen_addresses=127.0.0.1 -F -c max_connections=200",
-                self.port,
-                self.dir.path().join("sock").display()
-            );
-            let out = self
-                .server_command("pg_ctl")
-                .arg("-D")
-                .arg(self.data())
-                .arg("-l")
-                .arg(self.log())
-                .args(["-w", "-t", "60", "-o", &options, "start"])
-                .output()
-                .unwrap_or_else(|e| panic!("cannot run pg_ctl{}: {e}", self.via()));
-            if out.status.success() {
-                return;
-            }
-            let log = std::fs::read_to_string(self.log()).unwrap_or_default();
-            if !log.contains("could not bind") && !log.contains("already in use") {
-                panic!(
-                    "pg_ctl start failed: {}\n{}\nserver log:\n{log}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr)
-                );
+            match self.pg_ctl_start() {
+                Ok(()) => return,
+                Err(log) => {
+                    if !log.contains("could not bind") && !log.contains("already in use") {
+                        panic!("{log}");
+                    }
+                }
             }
         }
         panic!("PostgreSQL could not bind a free port in {START_ATTEMPTS} attempts");
+    }
+
+    /// `pg_ctl start` on `self.port`, waiting until the server accepts connections. On
+    /// failure, what pg_ctl and the server's log said.
+    fn pg_ctl_start(&self) -> Result<(), String> {
+        // Only this attempt's log tells why it failed.
+        let _ = std::fs::remove_file(self.log());
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -F -c max_connections=200",
+            self.port,
+            self.dir.path().join("sock").display()
+        );
+        let out = self
+            .server_command("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .arg("-l")
+            .arg(self.log())
+            .args(["-w", "-t", "60", "-o", &options, "start"])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run pg_ctl{}: {e}", self.via()));
+        if out.status.success() {
+            return Ok(());
+        }
+        let log = std::fs::read_to_string(self.log()).unwrap_or_default();
+        Err(format!(
+            "pg_ctl start failed: {}\n{}\nserver log:\n{log}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+
+    /// Stops the server (`pg_ctl stop -m fast`: open sessions are ended, their
+    /// transactions rolled back), keeping its data, for a test of a database outage.
+    /// [`PgServer::restart`] brings it back. Panics when pg_ctl fails.
+    pub fn stop(&self) {
+        let out = self
+            .server_command("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-m", "fast", "-w", "-t", "60", "stop"])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run pg_ctl{}: {e}", self.via()));
+        check(&out, "pg_ctl stop");
+    }
+
+    /// Starts the server again after [`PgServer::stop`], on the same port and data
+    /// directory, and waits until it accepts connections. Panics when it cannot start
+    /// (another process took the port meanwhile, for instance).
+    pub fn restart(&self) {
+        if let Err(e) = self.pg_ctl_start() {
+            panic!("restarting PostgreSQL on port {}: {e}", self.port);
+        }
+    }
+
+    /// Runs `sql` in database `db` with `psql` (unaligned, tuples only, fields separated
+    /// by a tab, stopping at the first error) and returns its output: one line per row.
+    /// For checks that would take many round trips through the store's API. Panics when
+    /// psql fails.
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        let out = Command::new(self.bins.path("psql"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-U", SUPERUSER, "-d", db])
+            .args([
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-F",
+                "\t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ])
+            .env_remove("PGPASSWORD")
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run psql: {e}"));
+        check(&out, &format!("psql {sql:?}"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
 

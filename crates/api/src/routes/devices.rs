@@ -6,15 +6,16 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::Json;
 use fleetpipe_proto::{is_valid_token, Timestamp};
-use fleetpipe_store::{Point, Range, Rollup};
+use fleetpipe_store::{Point, Range, Rollup, SeriesInfo};
 
 use crate::error::{ApiError, ErrorBody, UnavailableResponse};
-use crate::index::{ListQuery, SensorLookup, SortKey};
+use crate::index::{ListQuery, SortKey};
 use crate::limits::QuerySlot;
 use crate::model::{Device, DeviceList, Series, SeriesPoint, SeriesSource};
 use crate::params::{
     micros, parse_choice, parse_duration, parse_instant, parse_uint, truncate, Params,
 };
+use crate::tags::{self, Pick};
 use crate::AppState;
 
 /// Devices per page unless `limit` says otherwise.
@@ -48,6 +49,21 @@ fn device_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiErr
 
 fn not_found(id: &str) -> ApiError {
     ApiError::NotFound(format!("device {:?} not found", truncate(id)))
+}
+
+/// A `tag` parameter: `KEY:VALUE` (split at the first `:`), with a name and value a stored
+/// tag can have ([`tags::check_tag`]).
+fn parse_tag(t: &str) -> Result<(String, String), ApiError> {
+    match t.split_once(':') {
+        Some((k, v)) if !k.is_empty() => match tags::check_tag(k, v) {
+            None => Ok((k.to_string(), v.to_string())),
+            Some(problem) => Err(ApiError::bad(format!("tag {:?}: {problem}", truncate(t)))),
+        },
+        _ => Err(ApiError::bad(format!(
+            "tag must be KEY:VALUE (site:munich), got {:?}",
+            truncate(t)
+        ))),
+    }
 }
 
 /// Every device with its latest state; filter, sort, paginate.
@@ -88,16 +104,7 @@ pub async fn list(
         Some(v) => parse_uint("offset", v, MAX_OFFSET)?,
         None => 0,
     };
-    let tags = p
-        .all("tag")
-        .map(|t| match t.split_once(':') {
-            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-            _ => Err(ApiError::bad(format!(
-                "tag must be KEY:VALUE (site:munich), got {:?}",
-                truncate(t)
-            ))),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let tags = p.all("tag").map(parse_tag).collect::<Result<Vec<_>, _>>()?;
     let online = match p.one("online")? {
         Some(v) => Some(parse_choice("online", v, &["true", "false"])? == "true"),
         None => None,
@@ -273,31 +280,87 @@ pub fn rollup_range(
     })
 }
 
-/// Raw readings of a series through the request's query slot: at most [`RAW_CAP`] + 1.
-async fn read_history(
+/// The stored series of a device's sensor (every tag set, at most
+/// [`fleetpipe_store::MAX_SERIES_LISTED`]) through the request's query slot.
+async fn read_series(
     st: &AppState,
     slot: &QuerySlot,
     device: &str,
     sensor: &str,
-    range: Range,
-) -> Result<Vec<Point>, ApiError> {
+) -> Result<Vec<SeriesInfo>, ApiError> {
     let (store, device, sensor) = (st.store.clone(), device.to_string(), sensor.to_string());
-    slot.read(async move { store.history(&device, &sensor, range, RAW_CAP + 1).await })
+    slot.read(async move { store.series(&device, Some(&sensor)).await })
         .await
 }
 
-/// Per-minute rollups of a series through the request's query slot; `range` comes from
+/// Raw readings of one series through the request's query slot: at most [`RAW_CAP`] + 1.
+async fn read_history(
+    st: &AppState,
+    slot: &QuerySlot,
+    series: &SeriesInfo,
+    range: Range,
+) -> Result<Vec<Point>, ApiError> {
+    let (store, series) = (st.store.clone(), series.clone());
+    slot.read(async move {
+        store
+            .series_history(&series.key(), range, RAW_CAP + 1)
+            .await
+    })
+    .await
+}
+
+/// Per-minute rollups of one series through the request's query slot; `range` comes from
 /// [`rollup_range`], which bounds the rows.
 async fn read_rollups(
     st: &AppState,
     slot: &QuerySlot,
-    device: &str,
-    sensor: &str,
+    series: &SeriesInfo,
     range: Range,
 ) -> Result<Vec<Rollup>, ApiError> {
-    let (store, device, sensor) = (st.store.clone(), device.to_string(), sensor.to_string());
-    slot.read(async move { store.rollups(&device, &sensor, range).await })
+    let (store, series) = (st.store.clone(), series.clone());
+    slot.read(async move { store.series_rollups(&series.key(), range).await })
         .await
+}
+
+/// One series a request may mean: known to the store, to the index (the latest state), or
+/// both.
+struct Candidate {
+    /// Canonical tags.
+    tags: Vec<(String, String)>,
+    unit: Option<String>,
+    /// The store's, when it has stored readings of it.
+    stored: Option<SeriesInfo>,
+}
+
+/// The series of a device's sensor that the store or the index knows: the store's (with
+/// the unit of the latest value when the index has it), then the index's that the store
+/// has no reading of yet.
+fn candidates(stored: Vec<SeriesInfo>, indexed: &[crate::index::IndexedSeries]) -> Vec<Candidate> {
+    let mut out: Vec<Candidate> = stored
+        .into_iter()
+        .map(|s| {
+            let latest = indexed.iter().find(|i| i.tags[..] == s.tags[..]);
+            Candidate {
+                tags: s.tags.to_vec(),
+                unit: latest.map_or_else(|| s.unit.clone(), |i| i.unit.clone()),
+                stored: Some(s),
+            }
+        })
+        .collect();
+    for i in indexed {
+        if !out.iter().any(|c| c.tags == i.tags) {
+            out.push(Candidate {
+                tags: i.tags.clone(),
+                unit: i.unit.clone(),
+                stored: None,
+            });
+        }
+    }
+    out
+}
+
+fn tag_sets<'a>(found: impl ExactSizeIterator<Item = &'a Candidate>) -> String {
+    tags::list_tag_sets(found.map(|c| &c.tags[..]))
 }
 
 /// History of one sensor: raw readings or per-minute rollups, chosen by the server.
@@ -305,8 +368,8 @@ async fn read_rollups(
     get,
     path = "/api/v1/devices/{id}/series",
     tag = "devices",
-    description = "History of one sensor of one device. The server picks the source and says \
-        which in `source`:\n\n\
+    description = "History of one series of one device: a sensor with one tag set. The server \
+        picks the source and says which in `source`:\n\n\
         * `rollup_1m` when `step` is at least 60 s, or the range is longer than 6 h, or the \
         range holds more than 10,000 raw readings. Per-minute rollups are merged into buckets \
         of `step` rounded up to whole minutes (at least 1 min, and wide enough for at most \
@@ -316,6 +379,15 @@ async fn read_rollups(
         `value`.\n\n\
         `from` and `to` are RFC 3339 times, `now`, or durations back from now (`-10m`). \
         The range may be at most 366 days.\n\n\
+        **Series with tags.** A sensor may have several series on a device, told apart by \
+        their tags (Telegraf's `cpu,cpu=cpu0,host=h1 usage_idle=…` to `cpu=cpu3` are four \
+        series of `cpu.usage_idle`). `tag=KEY:VALUE` (repeatable) keeps those having every \
+        tag given; `sensor` also takes a series label as the device's `sensors` map names it, \
+        `cpu.usage_idle{cpu=cpu0,host=h1}` (tags sorted by name; `\\`, `,`, `=`, `{`, `}` \
+        escaped with `\\`), whose tags count as given. A series whose tags are exactly those \
+        given is the one; otherwise exactly one series must have them all: none is a 404, \
+        several a 400 listing their tag sets (up to 10) and saying which tag to add. The \
+        answer's `tags` are the series'.\n\n\
         **Bounded reads.** A request reads at most 10,001 raw readings, and at most \
         `api.max_rollup_rows` per-minute rollups (100,000 by default, about 69 days): a rollup \
         range needing more (the range from `from`, moved back to the start of its bucket, to \
@@ -325,15 +397,16 @@ async fn read_rollups(
         longer than `api.request_timeout` (10 s) gets a 503 with `Retry-After: 5`.",
     params(
         ("id" = String, Path, description = "Device id.", example = "v00042"),
-        ("sensor" = String, Query, description = "Sensor name (required).", example = "speed"),
+        ("sensor" = String, Query, description = "Sensor name, or a series label with its tags (required).", example = "speed"),
+        ("tag" = Option<Vec<String>>, Query, description = "Only the series with this tag, as `KEY:VALUE`; repeat for several (all must match).", example = "cpu:cpu0"),
         ("from" = Option<String>, Query, description = "Start (inclusive): RFC 3339, `now`, or a duration back from now (`-10m`). Default: an hour before `to`.", example = "-10m"),
         ("to" = Option<String>, Query, description = "End (exclusive), same forms. Default: now.", example = "now"),
         ("step" = Option<String>, Query, description = "Desired spacing of points: seconds (`60`) or a duration (`5m`). 60 s or more selects rollups.", example = "5m"),
     ),
     responses(
         (status = 200, description = "The series.", body = Series),
-        (status = 400, description = "A parameter is missing, unknown, repeated or invalid, or the range needs more rollup rows than `api.max_rollup_rows`.", body = ErrorBody),
-        (status = 404, description = "Unknown device, or a sensor the device does not have.", body = ErrorBody),
+        (status = 400, description = "A parameter is missing, unknown, repeated or invalid; several series of the sensor have the tags given (the message lists them); or the range needs more rollup rows than `api.max_rollup_rows`.", body = ErrorBody),
+        (status = 404, description = "Unknown device, a sensor the device does not have, or no series of it with the tags given.", body = ErrorBody),
         (status = 503, response = UnavailableResponse),
     )
 )]
@@ -343,9 +416,9 @@ pub async fn series(
     RawQuery(query): RawQuery,
 ) -> Result<Json<Series>, ApiError> {
     let id = device_id(path)?;
-    let p = Params::parse(query.as_deref(), &["sensor", "from", "to", "step"])?;
-    let sensor = match p.one("sensor")? {
-        Some(s) if !s.is_empty() => s.to_string(),
+    let p = Params::parse(query.as_deref(), &["sensor", "tag", "from", "to", "step"])?;
+    let sensor_param = match p.one("sensor")? {
+        Some(s) if !s.is_empty() => s,
         _ => return Err(ApiError::bad("sensor is required, e.g. ?sensor=speed")),
     };
     // Names the wire contract cannot produce have no history; refusing them here also keeps
@@ -353,12 +426,24 @@ pub async fn series(
     if !is_valid_token(&id) {
         return Err(not_found(&id));
     }
+    let (sensor, label_tags) = tags::parse_label(sensor_param).map_err(|problem| {
+        ApiError::bad(format!(
+            "sensor {:?} is not a series label: {problem}",
+            truncate(sensor_param)
+        ))
+    })?;
     if !sensor.split('.').all(is_valid_token) {
         return Err(ApiError::bad(format!(
             "sensor {:?} is not a sensor name: tokens of letters, digits, '-' or '_', \
-             joined by '.' (speed, gps.lat)",
-            truncate(&sensor)
+             joined by '.' (speed, gps.lat), optionally followed by tags \
+             (cpu.usage_idle{{cpu=cpu0}})",
+            truncate(sensor)
         )));
+    }
+    let sensor = sensor.to_string();
+    let mut wanted = label_tags.unwrap_or_default();
+    for t in p.all("tag") {
+        wanted.push(parse_tag(t)?);
     }
     let now = Timestamp::now();
     let to = match p.one("to")? {
@@ -385,7 +470,7 @@ pub async fn series(
         None => None,
     };
 
-    let lookup = st.index.sensor(&id, &sensor);
+    let indexed = st.index.series_of(&id, &sensor);
     let mut plan = plan(from, to, step);
     // Bounded reads: a range needing too many rollups is refused before any store read, so
     // it is a 400 even when the server is busy; then a query slot, or a 503.
@@ -393,9 +478,67 @@ pub async fn series(
         rollup_range(from, to, bucket_us, st.limits.max_rollup_rows)?;
     }
     let slot = st.limits.query_slot()?;
+
+    // Which series: the store's and the latest state's, picked by their tags.
+    let stored = read_series(&st, &slot, &id, &sensor).await?;
+    let found = candidates(stored, indexed.as_deref().unwrap_or_default());
+    let chosen = match tags::pick(&found, |c| &c.tags, &wanted) {
+        Pick::One(c) => c,
+        Pick::None if found.is_empty() => {
+            return Err(match indexed {
+                None => not_found(&id),
+                Some(_) => ApiError::NotFound(format!(
+                    "device {:?} has no sensor {:?}",
+                    truncate(&id),
+                    truncate(&sensor)
+                )),
+            })
+        }
+        Pick::None => {
+            let asked = tags::tag_set(wanted.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            return Err(ApiError::NotFound(format!(
+                "device {:?} has no series of sensor {:?} with the tags {}; its tag sets: {}",
+                truncate(&id),
+                truncate(&sensor),
+                truncate(&asked),
+                tag_sets(found.iter())
+            )));
+        }
+        Pick::Several(matches) => {
+            let sets: Vec<&[(String, String)]> = matches.iter().map(|c| &c.tags[..]).collect();
+            let example = &matches[0].tags;
+            let label = tags::label(
+                &sensor,
+                example.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            );
+            let hint = match tags::telling_tag(&sets) {
+                Some((k, v)) => format!("add tag={k}:{v}, or "),
+                None => String::new(),
+            };
+            let with = if wanted.is_empty() {
+                String::new()
+            } else {
+                let asked = tags::tag_set(wanted.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+                format!(" with the tags {}", truncate(&asked))
+            };
+            return Err(ApiError::bad(format!(
+                "device {:?} has {} series of sensor {:?}{with}, told apart by their tags: {}; \
+                 pick one: {hint}name it in full as sensor={}",
+                truncate(&id),
+                matches.len(),
+                truncate(&sensor),
+                tag_sets(matches.into_iter()),
+                truncate(&label),
+            )));
+        }
+    };
+
     let mut points = Vec::new();
-    if plan == Plan::Raw {
-        let raw = read_history(&st, &slot, &id, &sensor, Range { from, to }).await?;
+    // A series only the latest state knows (its first readings are not stored yet) has no
+    // history yet.
+    let stored = chosen.stored.as_ref();
+    if let (Plan::Raw, Some(series)) = (plan, stored) {
+        let raw = read_history(&st, &slot, series, Range { from, to }).await?;
         if raw.len() > RAW_CAP {
             plan = rollup_plan(from, to, step);
         } else {
@@ -412,24 +555,12 @@ pub async fn series(
                 .collect();
         }
     }
-    if let Plan::Rollups { bucket_us } = plan {
+    if let (Plan::Rollups { bucket_us }, Some(series)) = (plan, stored) {
         let range = rollup_range(from, to, bucket_us, st.limits.max_rollup_rows)?;
-        let rollups = read_rollups(&st, &slot, &id, &sensor, range).await?;
+        let rollups = read_rollups(&st, &slot, series, range).await?;
         points = merge_rollups(&rollups, bucket_us);
     }
 
-    let unit = match lookup {
-        SensorLookup::Known { unit } => unit,
-        SensorLookup::UnknownDevice if points.is_empty() => return Err(not_found(&id)),
-        SensorLookup::UnknownSensor if points.is_empty() => {
-            return Err(ApiError::NotFound(format!(
-                "device {:?} has no sensor {:?}",
-                truncate(&id),
-                truncate(&sensor)
-            )))
-        }
-        _ => None,
-    };
     let (source, step) = match plan {
         Plan::Raw => (SeriesSource::Raw, None),
         Plan::Rollups { bucket_us } => {
@@ -439,7 +570,8 @@ pub async fn series(
     Ok(Json(Series {
         device: id,
         sensor,
-        unit,
+        tags: chosen.tags.iter().cloned().collect(),
+        unit: chosen.unit.clone(),
         source,
         from: from.to_rfc3339(),
         to: to.to_rfc3339(),

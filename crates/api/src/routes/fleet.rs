@@ -11,7 +11,8 @@ use crate::params::Params;
 use crate::AppState;
 
 /// Online/offline counts and min/avg/max of every sensor across the fleet, from the
-/// in-memory index (one pass, no store or broker round trip, on the blocking pool).
+/// in-memory index (one pass, no store or broker round trip, on the blocking pool). A
+/// sensor's figures cover every series of it, whatever its tags: one value per series.
 #[utoipa::path(
     get,
     path = "/api/v1/fleet/summary",

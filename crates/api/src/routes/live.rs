@@ -45,13 +45,15 @@ impl Filter {
     get,
     path = "/api/v1/live",
     tag = "live",
-    description = "Server-Sent Events: one `state` event per change of a sensor's latest \
-        value, `data` a LiveState document. A client that reads too slowly misses events \
+    description = "Server-Sent Events: one `state` event per change of a series' latest \
+        value, `data` a LiveState document; a series with tags has them in `tags` (its key \
+        in the device's `sensors` is then the label `sensor{k=v,…}`). A client that reads \
+        too slowly misses events \
         and receives a `lagged` event (`{\"dropped\": N}`) instead. Comments are sent as \
         keep-alives every 15 s.",
     params(
         ("device" = Option<String>, Query, description = "Only this device.", example = "v00042"),
-        ("sensor" = Option<String>, Query, description = "Only these sensors, comma-separated.", example = "speed,soc"),
+        ("sensor" = Option<String>, Query, description = "Only these sensors, comma-separated: sensor names, each with every series (tag set) of it.", example = "speed,soc"),
     ),
     responses(
         (status = 200, description = "An endless event stream.", content_type = "text/event-stream", body = LiveState),

@@ -553,3 +553,95 @@ async fn cli_refuses_invalid_device_ids() {
     let out = env.run(&["history", "cnc-001_a", "spindle.vibration.rms", "--json"]);
     assert_eq!(out.trim(), "[]");
 }
+
+// ---------------------------------------------------------------------------------------
+// 6. `fleetpipe history` picks one series by its tags.
+
+#[tokio::test(flavor = "multi_thread")]
+async fn history_picks_a_series_by_its_tags() {
+    let env = Env::sqlite();
+    let store = env.store().await;
+    let now = fleetpipe_proto::Timestamp::now().as_micros();
+    let mut records = Vec::new();
+    for c in 0..4 {
+        for k in 0..2 {
+            records.push(fleetpipe_store::Record {
+                seq: records.len() as u64 + 1,
+                reading: fleetpipe_proto::Reading {
+                    device: "h1".into(),
+                    sensor: "cpu.usage_idle".into(),
+                    value: 90.0 + c as f64,
+                    ts: fleetpipe_proto::Timestamp::from_micros(now - 60_000_000 + k),
+                    unit: None,
+                    quality: None,
+                    tags: tags(&[("cpu", &format!("cpu{c}")), ("host", "h1")]).into(),
+                },
+            });
+        }
+    }
+    store.write_readings(&records).await.unwrap();
+
+    let rows = |args: &[&str]| -> Vec<serde_json::Value> {
+        let mut all = vec!["history", "h1"];
+        all.extend_from_slice(args);
+        all.push("--json");
+        serde_json::from_str(&env.run(&all)).unwrap()
+    };
+    for args in [
+        &["cpu.usage_idle", "--tag", "cpu=cpu2"][..],
+        &["cpu.usage_idle", "--tag", "cpu:cpu2", "--tag", "host=h1"],
+        &["cpu.usage_idle{cpu=cpu2,host=h1}"],
+    ] {
+        let got = rows(args);
+        assert_eq!(got.len(), 2, "{args:?}");
+        assert_eq!(got[0]["value"], 92.0, "{args:?}");
+        assert_eq!(
+            got[0]["tags"],
+            serde_json::json!({"cpu": "cpu2", "host": "h1"})
+        );
+    }
+    let text = env.run(&["history", "h1", "cpu.usage_idle", "--tag", "cpu=cpu1"]);
+    assert!(
+        text.starts_with("# h1 cpu.usage_idle{cpu=cpu1,host=h1}\n"),
+        "{text}"
+    );
+
+    // Not enough tags, or tags no series has: an error listing the tag sets.
+    for (args, needles) in [
+        (
+            &["cpu.usage_idle"][..],
+            &[
+                "h1 cpu.usage_idle has 4 series",
+                "{cpu=cpu0,host=h1}, {cpu=cpu1,host=h1}, {cpu=cpu2,host=h1}, {cpu=cpu3,host=h1}",
+                "add --tag cpu=cpu0",
+            ][..],
+        ),
+        (
+            &["cpu.usage_idle", "--tag", "cpu=cpu9"],
+            &[
+                "no series with the tags {cpu=cpu9}",
+                "its tag sets: {cpu=cpu0,host=h1}",
+            ],
+        ),
+        (
+            &["cpu.usage_idle", "--tag", "cpu"],
+            &["--tag must be KEY=VALUE"],
+        ),
+        (
+            &["cpu.usage_idle{cpu"],
+            &["invalid sensor", "do not end with '}'"],
+        ),
+    ] {
+        let mut all = vec!["history", "h1"];
+        all.extend_from_slice(args);
+        let out = env.cmd(&all).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        for needle in needles {
+            assert!(
+                stderr.contains(needle),
+                "{args:?}: {stderr} lacks {needle:?}"
+            );
+        }
+    }
+}

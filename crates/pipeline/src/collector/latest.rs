@@ -138,10 +138,14 @@ impl Latest {
     }
 
     async fn put_one(&self, u: &Update) -> Result<(), String> {
-        let ack = self
-            .put(u, self.expected(u.hash))
-            .await
-            .map_err(|e| e.to_string())?;
+        // Expect a revision only together with the knowledge that its value is older:
+        // another batch of this process may have stored a newer reading meanwhile.
+        let expected = match self.known(u.hash) {
+            Some(k) if (k.ts, k.seq) >= (u.ts, u.seq) => return Ok(()),
+            Some(k) => k.revision,
+            None => 0,
+        };
+        let ack = self.put(u, expected).await.map_err(|e| e.to_string())?;
         match ack.await {
             Ok(ack) => {
                 self.remember(u.hash, u.ts, u.seq, ack.sequence);
@@ -210,13 +214,9 @@ impl Latest {
             .await
     }
 
-    /// The revision this process last stored for the key, or 0: "no value yet".
-    fn expected(&self, hash: u64) -> u64 {
-        self.known
-            .lock()
-            .ok()
-            .and_then(|k| k.get(&hash).map(|k| k.revision))
-            .unwrap_or(0)
+    /// What this process last stored or saw for the key.
+    fn known(&self, hash: u64) -> Option<Known> {
+        self.known.lock().ok().and_then(|k| k.get(&hash).copied())
     }
 
     fn remember(&self, hash: u64, ts: i64, seq: u64, revision: u64) {

@@ -254,3 +254,389 @@ fn arbitrary_bytes_never_panic() {
         assert!(d.readings.iter().all(|r| r.value.is_finite()));
     }
 }
+
+mod generated;
+
+fn run_with(template: &str, subject: &str, payload: &str, limits: &Limits) -> Decoded {
+    let template = SubjectTemplate::parse(template).unwrap();
+    decode(&template, subject, payload.as_bytes(), RECEIVED, limits)
+}
+
+/// The Telegraf case: one flush of a host's cpu and mem inputs in one message, readings
+/// told apart by sensor and tags, with and without one shared timestamp.
+#[test]
+#[allow(clippy::type_complexity)] // a table of cases reads best inline
+fn telegraf_flush_is_nine_distinct_points() {
+    let mut lines = String::new();
+    for cpu in 0..4 {
+        lines.push_str(&format!(
+            "cpu,cpu=cpu{cpu},host=h1 usage_idle=90.5,usage_user=0.25{{ts}}\n"
+        ));
+    }
+    lines.push_str("mem,host=h1 used_percent=42.5{ts}\n");
+    let r = RECEIVED.as_micros();
+    let cases: &[(&str, i64)] = &[("", r), (" 1771149599000000000", r - 1_000_000)];
+    for &(ts, want_ts) in cases {
+        let d = run("vehicle.h1.telegraf", &lines.replace("{ts}", ts));
+        let got: Vec<(&str, Vec<(&str, &str)>, f64, i64)> = d
+            .readings
+            .iter()
+            .map(|r| {
+                let tags = r.tags.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+                (r.sensor.as_str(), tags.collect(), r.value, r.ts.as_micros())
+            })
+            .collect();
+        let mut want = Vec::new();
+        for cpu in ["cpu0", "cpu1", "cpu2", "cpu3"] {
+            let tags = vec![("cpu", cpu), ("host", "h1")];
+            want.push(("cpu.usage_idle", tags.clone(), 90.5, want_ts));
+            want.push(("cpu.usage_user", tags, 0.25, want_ts));
+        }
+        want.push(("mem.used_percent", vec![("host", "h1")], 42.5, want_ts));
+        assert_eq!(got, want, "timestamp {ts:?}");
+        assert_eq!(d.rejects, vec![], "timestamp {ts:?}");
+        let points: std::collections::HashSet<_> = d
+            .readings
+            .iter()
+            .map(|r| (&r.sensor, &r.tags[..], r.ts))
+            .collect();
+        assert_eq!(points.len(), 9);
+        // The two readings of a line share one tag list.
+        assert!(std::sync::Arc::ptr_eq(
+            &d.readings[0].tags,
+            &d.readings[1].tags
+        ));
+    }
+}
+
+/// The line of the hardening issue: 230 KB, 14,000 tags and 14,000 fields. Refused at once
+/// by the tag count, before anything is built; and without its tags, by the readings limit.
+#[test]
+fn the_huge_line_is_refused_quickly_and_cheaply() {
+    let mut tags = String::new();
+    let mut fields = String::new();
+    for i in 0..14_000 {
+        tags.push_str(&format!(",t{i}=v"));
+        fields.push_str(&format!("{}f{i}=1", if i == 0 { "" } else { "," }));
+    }
+    let with_tags = format!("m{tags} {fields}");
+    let without_tags = format!("m {fields}");
+    assert!(with_tags.len() > 200_000, "{}", with_tags.len());
+    for (payload, says) in [(&with_tags, "tags"), (&without_tags, "10000 readings")] {
+        let started = std::time::Instant::now();
+        let d = run("vehicle.1.lp", payload);
+        let took = started.elapsed();
+        assert_eq!(summary(&d), (vec![], vec!["limit"]), "{}", d.rejects[0]);
+        assert!(d.rejects[0].message.contains(says), "{}", d.rejects[0]);
+        assert!(took < std::time::Duration::from_secs(1), "took {took:?}");
+        assert!(d.decoded_bytes() < 1_000, "{}", d.decoded_bytes());
+    }
+}
+
+#[test]
+fn the_readings_limit_refuses_the_rest_of_the_message_once() {
+    let limits = Limits {
+        max_readings: 5,
+        ..Limits::default()
+    };
+    let payload = "a x=1,y=2\nb x=1,y=2\n# comment\nc x=1,y=2\nd x=1\n\ne x=1";
+    let d = run_with(
+        "vehicle.{device}.{sensor}",
+        "vehicle.1.lp",
+        payload,
+        &limits,
+    );
+    let (readings, codes) = summary(&d);
+    let sensors: Vec<&str> = readings.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(sensors, ["a.x", "a.y", "b.x", "b.y"]);
+    assert_eq!(codes, ["limit"]);
+    assert_eq!(
+        d.rejects[0].message,
+        "line 4: over the limit of 5 readings per message; 3 lines from this one on were not \
+         decoded"
+    );
+
+    // The limit is per message, also when a batch appends to one buffer.
+    let t = SubjectTemplate::default();
+    let mut out = Decoded::default();
+    for _ in 0..3 {
+        decode_into(
+            &t,
+            "vehicle.1.lp",
+            b"a x=1,y=2,z=3",
+            RECEIVED,
+            &limits,
+            &mut out,
+        );
+    }
+    assert_eq!((out.readings.len(), out.rejects.len()), (9, 0));
+}
+
+#[test]
+fn rejects_are_bounded_per_message() {
+    let payload: String = (0..1_000).map(|i| format!("m{i} x=oops\n")).collect();
+    let d = run("vehicle.1.lp", &payload);
+    assert_eq!(d.rejects.len(), MAX_REJECTS + 1);
+    assert!(d.rejects[..MAX_REJECTS]
+        .iter()
+        .all(|r| r.code == RejectCode::LineProtocol));
+    assert_eq!(
+        d.rejects[MAX_REJECTS].to_string(),
+        "line_protocol: and 900 more problems not listed (at most 100 are; codes: \
+         line_protocol)"
+    );
+    // Messages quoting long input are cut.
+    let long = format!(r#"{{"value":"{}"}}"#, "9".repeat(10_000));
+    let d = run("vehicle.1.speed", &long);
+    assert_eq!(summary(&d).1, ["json"]);
+    let message = &d.rejects[0].message;
+    assert!(message.len() <= crate::MAX_REJECT_MESSAGE && message.ends_with('…'));
+}
+
+/// Limits on tags, control characters, and tags named twice: the line is refused alone.
+#[test]
+fn bad_tags_refuse_their_line_alone() {
+    let limits = Limits {
+        max_tags: 3,
+        max_tag_bytes: 8,
+        ..Limits::default()
+    };
+    let deep = "acme.{site}.{device}.{sensor}";
+    let cases: &[(&str, &str, &str)] = &[
+        // (line, code, part of the message)
+        ("m,a=1,b=2,c=3 x=1", "limit", "more than 2 tags"),
+        (
+            "m,a=123456789 x=1",
+            "limit",
+            "tag value \"123456789\" is 9 bytes",
+        ),
+        ("m,abcdefghi=1 x=1", "limit", "tag key"),
+        ("m,a=1\\,2345678 x=1", "limit", "is 9 bytes"),
+        (
+            "m,a=x\u{0}y x=1",
+            "line_protocol",
+            "control character U+0000",
+        ),
+        ("m,a\tb=1 x=1", "line_protocol", "control character U+0009"),
+        (
+            "m,a=\u{7f} x=1",
+            "line_protocol",
+            "control character U+007F",
+        ),
+        ("m,a=1,a=2 x=1", "line_protocol", "tag \"a\" is given twice"),
+        (
+            "m,site=b x=1",
+            "line_protocol",
+            "also a tag of the subject template",
+        ),
+    ];
+    for (line, code, says) in cases {
+        let payload = format!("ok x=1\n{line}\nok y=2");
+        let d = run_with(deep, "acme.munich.cnc-1.lp", &payload, &limits);
+        let (readings, codes) = summary(&d);
+        assert_eq!(readings.len(), 2, "{line:?}: {:?}", d.rejects);
+        assert_eq!(codes, [*code], "{line:?}: {:?}", d.rejects);
+        assert!(
+            d.rejects[0].message.contains(says),
+            "{line:?}: {}",
+            d.rejects[0]
+        );
+        assert!(
+            d.rejects[0].message.starts_with("line 2: "),
+            "{}",
+            d.rejects[0]
+        );
+    }
+    // Escapes are undone before the length is checked, and the tags sorted.
+    let d = run_with(
+        deep,
+        "acme.munich.cnc-1.lp",
+        "m,b=1\\,234567,a=x x=1",
+        &limits,
+    );
+    assert_eq!(d.rejects, vec![]);
+    let tags: Vec<(&str, &str)> = d.readings[0]
+        .tags
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert_eq!(tags, [("a", "x"), ("b", "1,234567"), ("site", "munich")]);
+}
+
+#[test]
+fn subject_tags_obey_the_tag_rules() {
+    let limits = Limits {
+        max_tags: 1,
+        max_tag_bytes: 8,
+        ..Limits::default()
+    };
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "acme.{site}.{device}.{sensor}",
+            "acme.123456789.m1.t",
+            "limit",
+        ),
+        (
+            "acme.{site}.{device}.{sensor}",
+            "acme.a\u{1}b.m1.t",
+            "subject",
+        ),
+        ("{org}.{site}.{device}.{sensor}", "acme.s.m1.t", "limit"),
+    ];
+    for (template, subject, code) in cases {
+        let d = run_with(template, subject, "1", &limits);
+        assert_eq!(summary(&d), (vec![], vec![*code]), "{subject:?}");
+    }
+}
+
+#[test]
+fn json_labels_hold_no_control_characters() {
+    for payload in [
+        r#"{"value":1,"unit":"km\u0000h"}"#,
+        r#"{"value":1,"quality":"good\n"}"#,
+        r#"{"value":1,"unit":"\u007f"}"#,
+        "{\"value\":1,\"unit\":\"a\u{1f}\"}",
+    ] {
+        let d = run("vehicle.1.speed", payload);
+        assert_eq!(summary(&d), (vec![], vec!["json"]), "{payload}");
+        assert!(
+            d.rejects[0].message.contains("control character"),
+            "{}",
+            d.rejects[0]
+        );
+    }
+    // Other characters, escaped or not, are kept.
+    let d = run(
+        "vehicle.1.speed",
+        r#"{"value":1,"unit":"\u00b0C","quality":"ok ✓"}"#,
+    );
+    assert_eq!(d.readings[0].unit.as_deref(), Some("°C"));
+    assert_eq!(d.readings[0].quality.as_deref(), Some("ok ✓"));
+}
+
+/// Readings of one message with one sensor, tags and timestamp: the later one is kept, the
+/// earlier one dropped with a reject naming both lines.
+#[test]
+#[allow(clippy::type_complexity)] // a table of cases reads best inline
+fn repeated_points_keep_the_later_value() {
+    let r = RECEIVED.as_micros();
+    let ts = " 1771149599000000000";
+    let out_of_order = "a x=1 1771149599000000000\na x=2 1771149598000000000\na x=3 1771149599";
+    let many: String = (0..40).map(|i| format!("m f{}=1\n", i % 20)).collect();
+    let cases: &[(&str, &[(&str, f64, i64)], &[&str])] = &[
+        (
+            "a x=1\na x=2",
+            &[("a.x", 2.0, r)],
+            &[
+                "line 2 repeats the point of line 1 (same measurement, tags, field and \
+               timestamp: sensor a.x); the later value is kept",
+            ],
+        ),
+        (
+            "a x=1,y=1,x=2",
+            &[("a.y", 1.0, r), ("a.x", 2.0, r)],
+            &[
+                "line 1 gives sensor a.x twice (same field, tags and timestamp); the later \
+               value is kept",
+            ],
+        ),
+        // Tags in another order are the same tags; another timestamp is another point.
+        (
+            &format!("a,h=1,c=2 x=1{ts}\na,c=2,h=1 x=2{ts}\na,c=2,h=1 x=3"),
+            &[("a.x", 2.0, r - 1_000_000), ("a.x", 3.0, r)],
+            &["line 2 repeats the point of line 1"],
+        ),
+        (
+            "a value=1\na,h=1 value=2\na value=3\na x=4",
+            &[("a", 2.0, r), ("a", 3.0, r), ("a.x", 4.0, r)],
+            &["line 3 repeats the point of line 1"],
+        ),
+        (
+            out_of_order,
+            &[("a.x", 2.0, r - 2_000_000), ("a.x", 3.0, r - 1_000_000)],
+            &["line 3 repeats the point of line 1"],
+        ),
+        (
+            "a x=1\na x=2\na x=3",
+            &[("a.x", 3.0, r)],
+            &[
+                "line 2 repeats the point of line 1",
+                "line 3 repeats the point of line 2",
+            ],
+        ),
+    ];
+    for (payload, want, says) in cases {
+        let d = run("vehicle.1.lp", payload);
+        let want: Vec<_> = want
+            .iter()
+            .map(|(s, v, t)| (s.to_string(), *v, *t))
+            .collect();
+        assert_eq!(summary(&d).0, want, "{payload}");
+        assert_eq!(d.rejects.len(), says.len(), "{payload}: {:?}", d.rejects);
+        for (reject, says) in d.rejects.iter().zip(*says) {
+            assert_eq!(reject.code, RejectCode::LineProtocol);
+            assert!(reject.message.contains(says), "{payload}: {reject}");
+        }
+    }
+    // More readings of one timestamp than are compared pairwise: the same through a map.
+    let d = run("vehicle.1.lp", &many);
+    assert_eq!((d.readings.len(), d.rejects.len()), (20, 20));
+    assert!(d.readings.iter().all(|r| r.value == 1.0));
+    assert_eq!(
+        d.rejects[0].message.split(" (").next(),
+        Some("line 21 repeats the point of line 1")
+    );
+}
+
+#[test]
+fn decoded_bytes_counts_shared_tags_once() {
+    let d = run("vehicle.4613.speed", "95");
+    let reading = std::mem::size_of::<Reading>();
+    assert_eq!(
+        reading, 128,
+        "the bound in `decoded_bytes`' docs assumes it"
+    );
+    // The reading, its device and sensor, and an empty tag list.
+    assert_eq!(d.decoded_bytes(), reading + 4 + 5 + 16);
+    let d = run("vehicle.4613.lp", "m,h=a x=1,y=2\nm,h=a z=3");
+    let tags = 16 + 48 + 2;
+    assert_eq!(d.decoded_bytes(), 3 * (reading + 4 + 3) + tags);
+}
+
+/// The worst cases of the bound in [`Decoded::decoded_bytes`]' docs: readings as dense as
+/// fields can be, with the longest device and measurement, and as many short tagged lines.
+#[test]
+fn decoded_bytes_stay_within_the_documented_bound() {
+    let no_readings_limit = Limits {
+        max_readings: usize::MAX,
+        max_payload_bytes: usize::MAX,
+        ..Limits::default()
+    };
+    let long = "d".repeat(128);
+    let subject = format!("vehicle.{long}.lp");
+    let keys: Vec<char> = ('a'..='z').chain('A'..='Z').chain('0'..='9').collect();
+    let mut dense = String::new();
+    let mut tagged = String::new();
+    let mut untagged_after_tagged = String::new();
+    for line in 0..1_000 {
+        dense.push_str(&long);
+        for (i, k) in keys.iter().enumerate() {
+            dense.push_str(&format!("{}{k}=1", if i == 0 { ' ' } else { ',' }));
+        }
+        dense.push_str(&format!(" {}\n", 1_771_149_000 + line));
+        tagged.push_str(&format!("a,t={line} x=1\n"));
+        untagged_after_tagged.push_str(&format!("a,t={line} x=1\nb{line} x=1\n"));
+    }
+    for payload in [&dense, &tagged, &untagged_after_tagged] {
+        let d = decode(
+            &SubjectTemplate::default(),
+            &subject,
+            payload.as_bytes(),
+            RECEIVED,
+            &no_readings_limit,
+        );
+        let ratio = d.decoded_bytes() as f64 / payload.len() as f64;
+        assert!(d.rejects.len() <= MAX_REJECTS + 1, "{:?}", &d.rejects[..2]);
+        assert!(ratio <= 97.0, "{ratio}");
+    }
+}
