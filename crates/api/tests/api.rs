@@ -428,6 +428,30 @@ async fn series_raw_and_rollups() {
     assert_eq!(body["points"], serde_json::json!([]));
 }
 
+/// Once raw readings before some instant are pruned, a range starting before it is served
+/// from rollups, which are kept longer, rather than answering with a hole.
+#[tokio::test]
+async fn series_before_the_raw_horizon_come_from_rollups() {
+    let f = Fixture::new().await;
+    let app = f.app();
+    let url = "/api/v1/devices/v00001/series?sensor=speed&from=-50m";
+    let (_, body) = get_json(&app, url).await;
+    assert_eq!(body["source"], "raw");
+    f.state
+        .store
+        .prune_readings(Timestamp::from_micros(f.now - 30 * 60 * SEC))
+        .await
+        .unwrap();
+    let (status, body) = get_json(&app, url).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["source"], "rollup_1m");
+    let points = body["points"].as_array().unwrap();
+    assert!((49..=51).contains(&points.len()), "{}", points.len());
+    // After the horizon, raw readings as before.
+    let (_, body) = get_json(&app, "/api/v1/devices/v00001/series?sensor=speed&from=-20m").await;
+    assert_eq!(body["source"], "raw");
+}
+
 #[tokio::test]
 async fn series_errors() {
     let f = Fixture::new().await;

@@ -529,6 +529,7 @@ impl Config {
         Limits {
             max_payload_bytes: self.collector.max_payload_bytes,
             max_future_micros: self.collector.max_future.as_micros().min(i64::MAX as u128) as i64,
+            max_past_micros: self.store.raw_retention.as_micros().min(i64::MAX as u128) as i64,
             ..Limits::default()
         }
     }

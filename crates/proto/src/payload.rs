@@ -59,6 +59,11 @@ pub struct Limits {
     /// How far past the broker's receive time a device timestamp may lie, in microseconds.
     /// Default 5 minutes.
     pub max_future_micros: i64,
+    /// How far before the broker's receive time a device timestamp may lie, in
+    /// microseconds. Default: no limit. The collectors set it to the raw retention: an older
+    /// reading would be deleted at the next prune, and once it was, a redelivery could not be
+    /// told from a first delivery, so its rollups could count it twice.
+    pub max_past_micros: i64,
     /// Most readings one message may yield. Default 10,000: a Telegraf flush of its default
     /// 1,000 metrics with up to ten fields each, and a twentieth of the collector's queue,
     /// so one message cannot fill it.
@@ -76,6 +81,7 @@ impl Default for Limits {
         Limits {
             max_payload_bytes: 256 * 1024,
             max_future_micros: 5 * 60 * 1_000_000,
+            max_past_micros: i64::MAX,
             max_readings: 10_000,
             max_tags: 64,
             max_tag_bytes: 256,
@@ -329,6 +335,18 @@ impl Context<'_> {
             return Err(Reject::new(
                 RejectCode::Timestamp,
                 format!("timestamp {ts} is before 2000: is the device clock set?"),
+            ));
+        }
+        if self.received.as_micros().saturating_sub(ts.as_micros()) > self.limits.max_past_micros {
+            return Err(Reject::new(
+                RejectCode::Timestamp,
+                format!(
+                    "timestamp {ts} is more than {} days before the broker received it ({}): \
+                     older than the raw retention (store.raw_retention), it would be deleted at \
+                     once; raise the retention to load older data",
+                    self.limits.max_past_micros / 86_400_000_000,
+                    self.received
+                ),
             ));
         }
         if ts.as_micros() - self.received.as_micros() > self.limits.max_future_micros {

@@ -537,6 +537,14 @@ pub async fn series(
     // A series only the latest state knows (its first readings are not stored yet) has no
     // history yet.
     let stored = chosen.stored.as_ref();
+    // Raw readings before the retention horizon were pruned: the rollups still have them.
+    if plan == Plan::Raw && stored.is_some() {
+        if let Some(horizon) = st.store.raw_horizon().await? {
+            if from < horizon {
+                plan = rollup_plan(from, to, step);
+            }
+        }
+    }
     if let (Plan::Raw, Some(series)) = (plan, stored) {
         let raw = read_history(&st, &slot, series, Range { from, to }).await?;
         if raw.len() > RAW_CAP {

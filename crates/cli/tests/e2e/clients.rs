@@ -4,6 +4,8 @@
 use std::process::Command;
 use std::time::Duration;
 
+use fleetpipe_proto::Timestamp;
+
 use crate::support::*;
 
 /// The reference design's publisher: plain core-NATS publishes of the value as text.
@@ -99,7 +101,7 @@ async def main():
     nc = await nats.connect(sys.argv[1])
     js = nc.jetstream()
     for i in range(50):
-        body = {"value": 2.45 + i, "unit": "mm/s", "timestamp": f"2026-02-15T10:00:{i:02d}Z", "quality": "good"}
+        body = {"value": 2.45 + i, "unit": "mm/s", "timestamp": f"{sys.argv[2]}{i:02d}Z", "quality": "good"}
         await js.publish(f"acme.munich.hall-a.line-1.cnc-{i % 5:03d}.spindle.vibration.rms", json.dumps(body).encode())
     await nc.close()
 
@@ -133,9 +135,15 @@ async fn nats_py_publishes_json_on_a_deep_template() {
         all.push("collect");
         env.spawn(&all)
     };
+    // An hour ago, to the minute (`2026-11-30T09:15:`): within the raw retention.
+    let minute = {
+        let t = Timestamp::now().as_micros() - 3_600_000_000;
+        Timestamp::from_micros(t - t.rem_euclid(60_000_000)).to_rfc3339()[..17].to_string()
+    };
     let out = Command::new("python3")
         .arg(&script)
         .arg(env.nats.url())
+        .arg(&minute)
         .output()
         .expect("python3 is needed");
     assert!(
@@ -160,7 +168,7 @@ async fn nats_py_publishes_json_on_a_deep_template() {
         .filter(|i| i % 5 == 3)
         .map(|i| {
             (
-                format!("2026-02-15T10:00:{i:02}Z"),
+                format!("{minute}{i:02}Z"),
                 2.45 + i as f64,
                 Some("good".to_string()),
             )

@@ -640,3 +640,32 @@ fn decoded_bytes_stay_within_the_documented_bound() {
         assert!(ratio <= 97.0, "{ratio}");
     }
 }
+
+/// With a raw retention, a reading older than it when the broker received the message is
+/// refused (it would be pruned at once); at the edge it is kept. The decision depends on the
+/// message alone, so a redelivery decides the same.
+#[test]
+fn readings_older_than_the_retention_are_refused() {
+    const DAY: i64 = 86_400_000_000;
+    let limits = Limits {
+        max_past_micros: 30 * DAY,
+        ..Limits::default()
+    };
+    let template = SubjectTemplate::parse("vehicle.{device}.{sensor}").unwrap();
+    let at = |ts: i64| {
+        let t = Timestamp::from_micros(ts).to_rfc3339();
+        decode(
+            &template,
+            "vehicle.v1.speed",
+            format!(r#"{{"value":1,"timestamp":"{t}"}}"#).as_bytes(),
+            RECEIVED,
+            &limits,
+        )
+    };
+    let edge = at(RECEIVED.as_micros() - 30 * DAY);
+    assert_eq!((edge.readings.len(), edge.rejects.len()), (1, 0));
+    let old = at(RECEIVED.as_micros() - 30 * DAY - 1);
+    assert_eq!(old.readings.len(), 0);
+    assert_eq!(old.rejects[0].code, RejectCode::Timestamp);
+    assert!(old.rejects[0].message.contains("raw retention"), "{:?}", old.rejects);
+}
