@@ -143,11 +143,11 @@ pub(crate) async fn max_deliveries_worker(
             let done = match serde_json::from_slice::<MaxDeliveries>(&msg.payload) {
                 Ok(a) => {
                     let r = dead_letter_undeliverable(&js, &telemetry_stream, &a).await;
-                    if r.is_ok() {
+                    if let Ok(true) = r {
                         Stats::add(&stats.max_deliveries, 1);
                         Stats::add(&stats.dead_letters, 1);
                     }
-                    r
+                    r.map(|_| ())
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "ignoring a malformed max-delivery advisory");
@@ -169,12 +169,13 @@ pub(crate) async fn max_deliveries_worker(
     }
 }
 
-/// Moves one message the consumer gave up on to the dead-letter stream.
+/// Moves one message the consumer gave up on to the dead-letter stream. False when it was
+/// gone already.
 async fn dead_letter_undeliverable(
     js: &jetstream::Context,
     telemetry_stream: &str,
     a: &MaxDeliveries,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     let stream = js
         .get_stream(telemetry_stream)
         .await
@@ -182,7 +183,7 @@ async fn dead_letter_undeliverable(
     let msg = match stream.get_raw_message(a.stream_seq).await {
         Ok(m) => m,
         // Already gone (acknowledged late, or dead-lettered by another collector).
-        Err(_) => return Ok(()),
+        Err(_) => return Ok(false),
     };
     let dead = DeadLetter {
         subject: msg.subject.to_string(),
@@ -205,14 +206,10 @@ async fn dead_letter_undeliverable(
     );
     // Dead-lettered: it must not stay in the stream forever (interest retention keeps a
     // message the consumer gave up on).
-    stream
-        .delete_message(a.stream_seq)
-        .await
-        .map(|_| ())
-        .or_else(|e| {
-            tracing::debug!(error = %e, "undeliverable message already deleted");
-            Ok(())
-        })
+    if let Err(e) = stream.delete_message(a.stream_seq).await {
+        tracing::debug!(error = %e, "undeliverable message already deleted");
+    }
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -4,16 +4,21 @@
 //! Inside one process the work is a two-stage pipeline:
 //!
 //! 1. **fetch** workers take whatever batch the consumer has ready (waiting at most
-//!    `collector.batch_wait` for more), decode it, and at once publish the latest state and
-//!    the dead letters, so the latest state never waits for the store;
-//! 2. **writers** take decoded batches, merge every batch already waiting into one store
-//!    transaction (group commit: under load, transactions grow instead of queueing), then
-//!    acknowledge each batch whose publishes also succeeded, and negatively acknowledge the
-//!    others, which come back; the store's idempotent writes make the second pass harmless.
+//!    `collector.batch_wait` for more), decode it in chunks, and at once publish the latest
+//!    state (`latest.rs`) and the dead letters (`dead_letter.rs`), so the latest state never
+//!    waits for the store;
+//! 2. **writers** (`write.rs`) take decoded batches, merge every batch already waiting into
+//!    one store transaction (group commit: under load, transactions grow instead of
+//!    queueing), wait out store outages, isolate and dead-letter a message the store
+//!    refuses, then acknowledge each batch whose publishes also succeeded, and negatively
+//!    acknowledge the others, which come back; the store's idempotent writes make the
+//!    second pass harmless.
 //!
-//! Between the stages a bounded channel: a slow store holds the fetch workers back, and
-//! `collector.max_ack_pending` bounds what is in flight, so memory stays flat under overload
-//! while the backlog waits in JetStream.
+//! Between the stages a channel bounded by the memory decoding allocated: a slow store
+//! holds the fetch workers back, and `collector.max_ack_pending` bounds what is in flight,
+//! so memory stays flat under overload while the backlog waits in JetStream. Every message
+//! in hand gets "in progress" acknowledgements (`inflight.rs`), so nothing is redelivered
+//! while it waits; a stop hands back, negatively acknowledged, what was sent but not taken.
 //!
 //! **Architecture invariant:** only this module acknowledges telemetry messages, and only
 //! after the durable write of everything they carry (rows, latest state, dead letters).

@@ -37,6 +37,10 @@ use crate::stats::Stats;
 /// How long a failed batch waits before the broker redelivers it.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 
+/// How long messages handed back at a stop wait before they are delivered again: longer
+/// than a pull request stays open (`pull.rs`), so they go to another collector.
+const STOP_DELAY: Duration = Duration::from_secs(2);
+
 /// Attempts at a write that fails with a transient error while the store answers pings,
 /// before the write is treated as refused and split.
 const ATTEMPTS_WHILE_UP: u32 = 3;
@@ -85,8 +89,10 @@ impl Collector {
         let refused = match self.store_isolating(&records, &units, shutdown).await {
             Ok(refused) => refused,
             Err(_) => {
+                // Stopping while the store is unavailable: hand everything back, after the
+                // open pull requests of this process have closed.
                 for batch in group {
-                    nak_all(&batch.messages, None).await;
+                    nak_all(&batch.messages, Some(STOP_DELAY)).await;
                     self.inflight.done(batch.inflight);
                 }
                 return;
