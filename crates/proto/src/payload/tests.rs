@@ -667,5 +667,9 @@ fn readings_older_than_the_retention_are_refused() {
     let old = at(RECEIVED.as_micros() - 30 * DAY - 1);
     assert_eq!(old.readings.len(), 0);
     assert_eq!(old.rejects[0].code, RejectCode::Timestamp);
-    assert!(old.rejects[0].message.contains("raw retention"), "{:?}", old.rejects);
+    assert!(
+        old.rejects[0].message.contains("raw retention"),
+        "{:?}",
+        old.rejects
+    );
 }
