@@ -4,6 +4,12 @@
 //! commit, a queue behind it, or a store outage that the writers wait out therefore never
 //! makes the broker hand the same messages to another collector, and never spends their
 //! delivery count (which `max_deliver` bounds, to catch messages that crash collectors).
+//!
+//! Only while the collector shows progress: a store write finished (or failed, or timed
+//! out), a batch was acknowledged. Every store write has a deadline, so a working collector
+//! shows progress at least that often; one that shows none for longer is wedged (a bug),
+//! and its messages are let go, to be redelivered to another collector and counted against
+//! `max_deliver`, rather than held forever.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,14 +21,39 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// The reply subjects of registered batches.
-#[derive(Default)]
 pub(crate) struct InFlight {
     next: AtomicU64,
+    /// When the collector last made progress, in ms since `epoch`.
+    progress_ms: AtomicU64,
+    epoch: Instant,
     // A std mutex: held to insert or remove one entry, or to copy the old ones out.
     batches: Mutex<HashMap<u64, (Instant, Vec<Subject>)>>,
 }
 
+impl Default for InFlight {
+    fn default() -> Self {
+        InFlight {
+            next: AtomicU64::new(0),
+            progress_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            batches: Mutex::default(),
+        }
+    }
+}
+
 impl InFlight {
+    /// Records that the collector made progress (see the module docs).
+    pub(crate) fn progress(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.progress_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// How long since the collector last made progress.
+    fn since_progress(&self) -> Duration {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.progress_ms.load(Ordering::Relaxed)))
+    }
+
     /// Registers the reply subjects of a batch (messages without one cannot be acked and
     /// need no keepalive).
     pub(crate) fn register(&self, replies: Vec<Subject>) -> u64 {
@@ -58,11 +89,13 @@ impl InFlight {
     }
 
     /// Sends "in progress" for every message held longer than `every` (a third of
-    /// `ack_wait`), every `every`, until `shutdown`.
+    /// `ack_wait`), every `every`, until `shutdown`, as long as the collector made progress
+    /// within `stale_after`.
     pub(crate) async fn keepalive(
         &self,
         client: async_nats::Client,
         every: Duration,
+        stale_after: Duration,
         shutdown: CancellationToken,
     ) {
         let mut tick = tokio::time::interval(every);
@@ -77,6 +110,11 @@ impl InFlight {
             };
             let replies = self.older_than(before);
             if replies.is_empty() {
+                continue;
+            }
+            let idle = self.since_progress();
+            if idle > stale_after {
+                tracing::error!(messages = replies.len(), idle = ?idle, "the collector made no progress: letting its messages go to another collector");
                 continue;
             }
             tracing::debug!(
@@ -107,5 +145,14 @@ mod tests {
         f.done(a);
         f.done(b);
         assert_eq!(f.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn progress_is_tracked() {
+        let f = InFlight::default();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        f.progress();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(f.since_progress(), Duration::from_secs(2));
     }
 }

@@ -177,8 +177,13 @@ impl Collector {
             let me = self.clone();
             let client = self.js.client();
             let every = (self.ack_wait / 3).max(Duration::from_millis(100));
+            let stale_after = write::WRITE_TIMEOUT + self.ack_wait;
             let stop = helpers.clone();
-            tokio::spawn(async move { me.inflight.keepalive(client, every, stop).await })
+            tokio::spawn(async move {
+                me.inflight
+                    .keepalive(client, every, stale_after, stop)
+                    .await
+            })
         };
         let advisories = match crate::broker::max_deliveries_consumer(&self.js).await {
             Ok(consumer) => Some(tokio::spawn(dead_letter::max_deliveries_worker(
@@ -222,6 +227,7 @@ impl Collector {
         .max_bytes(MAX_PULL_BYTES);
         'pull: while let Some(batch) = puller.next(&shutdown).await {
             Stats::add(&self.stats.messages, batch.len() as u64);
+            self.inflight.progress();
             // Covers the messages not decoded yet while an earlier chunk waits for room.
             let pulled = self.inflight.register(replies(&batch));
             let mut rest = batch.into_iter().peekable();

@@ -37,6 +37,11 @@ use crate::stats::Stats;
 /// How long a failed batch waits before the broker redelivers it.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 
+/// Longest a store write may take before it counts as failed (and is tried again: writes
+/// are idempotent, so one that still commits later is harmless). It bounds how long a
+/// working collector can go without progress, see `inflight.rs`.
+pub(super) const WRITE_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// How long messages handed back at a stop wait before they are delivered again: longer
 /// than a pull request stays open (`pull.rs`), so they go to another collector.
 const STOP_DELAY: Duration = Duration::from_secs(2);
@@ -144,6 +149,7 @@ impl Collector {
         } else {
             Stats::add(&self.stats.dead_letters, batch.dead_letters + dead);
             let acks = futures::future::join_all(batch.messages.iter().map(|m| m.ack())).await;
+            self.inflight.progress();
             if acks.iter().any(Result::is_err) {
                 // Stored; an unacknowledged message is redelivered and deduplicated.
                 Stats::add(&self.stats.nats_errors, 1);
@@ -211,8 +217,16 @@ impl Collector {
         let mut attempts_while_up = 0;
         loop {
             let started = std::time::Instant::now();
-            let written = self.store.write_readings(records).await;
+            let written = tokio::time::timeout(WRITE_TIMEOUT, self.store.write_readings(records))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StoreError::Task(format!(
+                        "the write took longer than {} s",
+                        WRITE_TIMEOUT.as_secs()
+                    )))
+                });
             self.stats.store_write.observe(started.elapsed());
+            self.inflight.progress();
             let e = match written {
                 Ok(new) => {
                     self.store_writes.fetch_add(1, Ordering::Relaxed);
