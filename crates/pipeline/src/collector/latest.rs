@@ -28,15 +28,24 @@ use bytes::Bytes;
 use fleetpipe_store::Record;
 use tokio::sync::OnceCell;
 
+use super::acks::{Ack, AckMux, WRONG_LAST_SEQUENCE};
 use crate::config::names;
 use crate::state::{self, StateValue};
-
-/// Puts of one batch in flight at once.
-const WINDOW: usize = 256;
 
 /// Rounds of read-compare-retry for one key before giving up (the batch is then
 /// redelivered). Each round means another writer put a newer revision in between.
 const MAX_ROUNDS: usize = 5;
+
+/// The header that makes a put a compare-and-set: `expected` is the key's last revision,
+/// 0 for "no value yet".
+fn expectation(expected: u64) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "Nats-Expected-Last-Subject-Sequence",
+        expected.to_string().as_str(),
+    );
+    headers
+}
 
 /// What this process knows of one key.
 #[derive(Debug, Clone, Copy)]
@@ -59,6 +68,7 @@ pub(crate) struct Update {
 pub(crate) struct Latest {
     js: jetstream::Context,
     bucket: OnceCell<kv::Store>,
+    acks: OnceCell<AckMux>,
     // A std mutex: a few map operations per batch, never held across an await.
     known: Mutex<HashMap<u64, Known>>,
     /// Randomly keyed, so a device cannot pick names that collide with another's key.
@@ -70,6 +80,7 @@ impl Latest {
         Latest {
             js,
             bucket: OnceCell::new(),
+            acks: OnceCell::new(),
             known: Mutex::new(HashMap::new()),
             hasher: RandomState::new(),
         }
@@ -118,44 +129,66 @@ impl Latest {
     /// Puts every update, each a compare-and-set (see the module docs). True when each one
     /// is stored or known to be older than the bucket's value.
     ///
-    /// Up to [`WINDOW`] puts are in flight at once, each awaiting its own acknowledgement:
-    /// a put never holds one of the client's in-flight-ack permits while it waits for
-    /// another, so concurrent batches cannot starve each other of them.
+    /// The puts of a batch go out together and their acknowledgements come back on one
+    /// subscription (`acks.rs`); a conflict, rare, is resolved key by key.
     pub(crate) async fn publish(&self, updates: Vec<Update>) -> bool {
-        use futures::StreamExt;
-        let results: Vec<bool> = futures::stream::iter(updates)
-            .map(|u| async move {
-                let outcome = self.put_one(&u).await;
-                if let Err(e) = &outcome {
-                    tracing::warn!(error = %e, key = %u.key, "latest-state update failed; the batch will be redelivered");
+        let mut sent = Vec::with_capacity(updates.len());
+        let mut messages = Vec::with_capacity(updates.len());
+        for u in updates {
+            // Expect a revision only together with the knowledge that its value is older:
+            // another batch of this process may have stored a newer reading meanwhile.
+            let expected = match self.known(u.hash) {
+                Some(k) if (k.ts, k.seq) >= (u.ts, u.seq) => continue,
+                Some(k) => k.revision,
+                None => 0,
+            };
+            messages.push((self.subject(&u), expectation(expected), u.body.clone()));
+            sent.push(u);
+        }
+        if sent.is_empty() {
+            return true;
+        }
+        let mux = match self.acks().await {
+            Ok(mux) => mux,
+            Err(e) => {
+                tracing::warn!(error = %e, "latest-state update failed; the batch will be redelivered");
+                return false;
+            }
+        };
+        let acks = mux.publish_all(messages).await;
+        let mut ok = true;
+        let mut conflicts = Vec::new();
+        for (u, ack) in sent.iter().zip(acks) {
+            match ack {
+                Some(Ack::Stored(seq)) => self.remember(u.hash, u.ts, u.seq, seq),
+                Some(Ack::Refused(WRONG_LAST_SEQUENCE, _)) => conflicts.push(u),
+                Some(Ack::Refused(code, why)) => {
+                    tracing::warn!(code, error = %why, key = %u.key, "latest-state update refused; the batch will be redelivered");
+                    ok = false;
                 }
-                outcome.is_ok()
-            })
-            .buffer_unordered(WINDOW)
-            .collect()
-            .await;
-        results.into_iter().all(|ok| ok)
+                None => {
+                    tracing::warn!(key = %u.key, "latest-state update not acknowledged; the batch will be redelivered");
+                    ok = false;
+                }
+            }
+        }
+        for u in conflicts {
+            if let Err(e) = self.resolve_conflict(u).await {
+                tracing::warn!(error = %e, key = %u.key, "latest-state update failed; the batch will be redelivered");
+                ok = false;
+            }
+        }
+        ok
     }
 
-    async fn put_one(&self, u: &Update) -> Result<(), String> {
-        // Expect a revision only together with the knowledge that its value is older:
-        // another batch of this process may have stored a newer reading meanwhile.
-        let expected = match self.known(u.hash) {
-            Some(k) if (k.ts, k.seq) >= (u.ts, u.seq) => return Ok(()),
-            Some(k) => k.revision,
-            None => 0,
-        };
-        let ack = self.put(u, expected).await.map_err(|e| e.to_string())?;
-        match ack.await {
-            Ok(ack) => {
-                self.remember(u.hash, u.ts, u.seq, ack.sequence);
-                Ok(())
-            }
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                self.resolve_conflict(u).await
-            }
-            Err(e) => Err(e.to_string()),
-        }
+    fn subject(&self, u: &Update) -> String {
+        format!("$KV.{}.{}", names::STATE_BUCKET, u.key)
+    }
+
+    async fn acks(&self) -> Result<&AckMux, String> {
+        self.acks
+            .get_or_try_init(|| AckMux::new(self.js.client()))
+            .await
     }
 
     /// After a refused put: reads the current value, and puts ours again only if it is
@@ -203,14 +236,8 @@ impl Latest {
         u: &Update,
         expected: u64,
     ) -> Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError> {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            "Nats-Expected-Last-Subject-Sequence",
-            expected.to_string().as_str(),
-        );
-        let subject = format!("$KV.{}.{}", names::STATE_BUCKET, u.key);
         self.js
-            .publish_with_headers(subject, headers, u.body.clone())
+            .publish_with_headers(self.subject(u), expectation(expected), u.body.clone())
             .await
     }
 

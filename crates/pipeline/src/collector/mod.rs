@@ -37,6 +37,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+mod acks;
 mod dead_letter;
 mod inflight;
 mod latest;
