@@ -88,7 +88,7 @@ pub(crate) struct DecodedBatch {
 /// store slower than the broker holds the fetch workers back and the backlog stays in
 /// JetStream: memory is flat however large the backlog and however many readings a
 /// message carries.
-const MAX_QUEUED_KIB: usize = 64 * 1024;
+const MAX_QUEUED_KIB: usize = 24 * 1024;
 
 /// A fetch worker hands over what it has decoded once it holds this much, so one pull of
 /// large messages never sits decoded in memory all at once.
