@@ -56,7 +56,7 @@ fn clamp(v: u64) -> i64 {
 impl Collector for FleetpipeCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let s = self.stats.snapshot();
-        let counters: [(&str, &str, u64); 13] = [
+        let counters: [(&str, &str, u64); 15] = [
             (
                 "fleetpipe_messages",
                 "Telemetry messages the collectors received.",
@@ -83,13 +83,23 @@ impl Collector for FleetpipeCollector {
                 s.dead_letters,
             ),
             (
+                "fleetpipe_store_refused",
+                "Messages whose readings the store refused for good, dead-lettered (code store).",
+                s.store_refused,
+            ),
+            (
+                "fleetpipe_max_deliveries",
+                "Messages dead-lettered after collector.max_deliver deliveries.",
+                s.max_deliveries,
+            ),
+            (
                 "fleetpipe_store_batches",
                 "Store transactions committed by the collectors.",
                 s.batches,
             ),
             (
                 "fleetpipe_store_errors",
-                "Failed store writes (the messages are redelivered).",
+                "Failed store writes (retried, or split to find a message the store refuses).",
                 s.store_errors,
             ),
             (
