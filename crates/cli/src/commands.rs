@@ -112,6 +112,32 @@ async fn open_store(config: &Config) -> Result<Arc<dyn Store>> {
         .with_context(|| format!("cannot open the store at {}", redact(&url)))
 }
 
+/// Opens the store for a long-running service (`collect`, `aggregate`): while the database
+/// cannot be reached (PostgreSQL restarting), waits and retries instead of exiting, so a
+/// collector restarted during an outage starts working when the database is back. Any
+/// other error (a wrong password, a bad URL) stops it at once.
+async fn open_store_waiting(config: &Config) -> Result<Arc<dyn Store>> {
+    let url = config.store_url();
+    create_store_dir(&url)?;
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match fleetpipe_store::open(&url).await {
+            Ok(store) => return Ok(store),
+            Err(e) if e.is_unreachable() => {
+                tracing::warn!(error = %e, retry_in = ?delay, store = %redact(&url), "the store is unreachable; waiting for it");
+                tokio::select! {
+                    _ = shutdown_signal() => anyhow::bail!("stopped while waiting for the store"),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot open the store at {}", redact(&url)))
+            }
+        }
+    }
+}
+
 /// Creates the directory of a SQLite store's file.
 fn create_store_dir(url: &str) -> Result<()> {
     if let Some(path) = url.strip_prefix("sqlite://") {
@@ -385,7 +411,7 @@ async fn progress_lines(
 
 async fn collect(config: Config, json: bool) -> Result<()> {
     let (client, broker) = connect(&config, "fleetpipe-collect").await?;
-    let store = open_store(&config).await?;
+    let store = open_store_waiting(&config).await?;
     let stats = Arc::new(Stats::default());
     let stop = CancellationToken::new();
     let collector = Arc::new(Collector::new(
@@ -430,7 +456,7 @@ async fn serve(config: Config) -> Result<()> {
 
 async fn aggregate(config: Config, json: bool) -> Result<()> {
     let (client, broker) = connect(&config, "fleetpipe-aggregate").await?;
-    let store = open_store(&config).await?;
+    let store = open_store_waiting(&config).await?;
     let stats = Arc::new(Stats::default());
     let stop = CancellationToken::new();
     tracing::info!(interval = %humantime::format_duration(config.aggregator.interval), "aggregating; Ctrl-C stops");

@@ -280,6 +280,18 @@ impl StoreError {
             StoreError::Pool(_) | StoreError::Task(_) => true,
         }
     }
+
+    /// True when the database could not be reached at all (refused or lost connection,
+    /// pool timeout), as opposed to one that answered with an error (a wrong password, a
+    /// missing database): a service starting during an outage waits for the first, and
+    /// stops at once on the second.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            StoreError::Postgres(e) => e.code().is_none(),
+            StoreError::Pool(_) => true,
+            _ => false,
+        }
+    }
 }
 
 /// What PostgreSQL said, not just tokio-postgres's "db error": the message, the detail

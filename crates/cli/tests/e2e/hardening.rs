@@ -645,3 +645,33 @@ async fn history_picks_a_series_by_its_tags() {
         }
     }
 }
+
+/// A collector (re)started while PostgreSQL is down waits for it instead of exiting, and
+/// stores what waited in the stream once the database is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_collector_started_during_a_database_outage_waits_for_it() {
+    let Some(env) = Env::postgres("wait_for_db") else {
+        return;
+    };
+    env.run(&["init"]);
+    let js = env.js().await;
+    let pg = env.pg().expect("a postgres environment");
+    pg.stop();
+    let mut collector = env.spawn(&["collect"]);
+    let msgs: Vec<(String, String)> = (0..10)
+        .map(|i| (format!("vehicle.w{i}.speed"), i.to_string()))
+        .collect();
+    publish_all(&js, &msgs).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        collector.exited().is_none(),
+        "the collector gave up while the database was down"
+    );
+    pg.restart();
+    let store = env.store().await;
+    assert_eq!(
+        wait_for_count(&*store, 10, Duration::from_secs(60)).await,
+        10
+    );
+    collector.stop();
+}

@@ -50,6 +50,11 @@ impl Env {
         }
     }
 
+    /// The PostgreSQL server of a `postgres` environment (to stop and restart it).
+    pub fn pg(&self) -> Option<&PgServer> {
+        self._pg.as_ref()
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("fleetpipe.toml")
     }
