@@ -550,8 +550,22 @@ pub mod duration_text {
 
     use serde::{Deserialize, Deserializer, Serializer};
 
+    /// Whole days, hours, minutes or seconds as one number and unit (`400d`, `30s`):
+    /// humantime's own format counts years of 365.25 days, so 400 days would print as
+    /// "1year 1month 4days 7h 26m 24s".
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
+        let secs = d.as_secs();
+        let text = if d.subsec_nanos() != 0 || secs == 0 {
+            humantime::format_duration(*d).to_string()
+        } else {
+            let (n, unit) = [(86_400, "d"), (3_600, "h"), (60, "m"), (1, "s")]
+                .into_iter()
+                .find(|(u, _)| secs % u == 0)
+                .map(|(u, name)| (secs / u, name))
+                .unwrap_or((secs, "s"));
+            format!("{n}{unit}")
+        };
+        s.serialize_str(&text)
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
