@@ -373,6 +373,15 @@ impl Worker {
             if self.stopping() {
                 return Ok(Flow::Stop);
             }
+            // The budget spent: stop here. Otherwise, with the gate at the budget, every
+            // worker could wait at the gate for a raise that never comes, none of them
+            // claiming the message past the budget that stops the run.
+            if let Some(max) = self.plan.cfg.max_messages {
+                if self.shared.counters.claimed.load(Ordering::Relaxed) >= max {
+                    self.shared.request_stop();
+                    return Ok(Flow::Stop);
+                }
+            }
             // Created before the check, so a raise between the check and the wait still
             // wakes it (`notify_waiters` reaches every `Notified` that exists).
             let raised = gate.raised.notified();
