@@ -42,47 +42,20 @@ impl PgStore {
     /// Connects to the database `url` names (`postgres://user:pass@host:port/db`) and
     /// applies pending migrations.
     pub async fn connect(url: &str) -> Result<Self> {
-        let config: tokio_postgres::Config = url.parse().map_err(|e| StoreError::Url {
-            url: redact(url),
-            reason: format!("{e}"),
-        })?;
-        // NoTls for now: TLS (and client certificates) come with the security work.
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(POOL_SIZE)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(Duration::from_secs(30)))
-            .create_timeout(Some(Duration::from_secs(10)))
-            .build()
-            .map_err(|e| StoreError::Pool(e.to_string()))?;
-        let store = PgStore {
-            pool,
-            series: Default::default(),
-            horizon: std::sync::Arc::new(crate::RawHorizon::new(None)),
-        };
-        store.migrate().await?;
-        store.horizon.advance(store.load_raw_horizon().await?);
-        Ok(store)
+        Self::connect_with(url, POOL_SIZE).await
     }
 
     /// Like [`PgStore::connect`], with a pool of its own of at most `pool_size`
     /// connections (at least one), for a second handle on the same database whose work
     /// must neither wait for the first one's connections nor hold them: the HTTP API in
     /// `fleetpipe up` reads through a small pool next to the collectors' (see
-    /// `fleetpipe_api::open_store`). Connects as `connect` does (migrations, state), then
-    /// swaps in the pool: a connection more, for a moment, at start.
+    /// `fleetpipe_api::open_store`).
     pub async fn connect_with(url: &str, pool_size: usize) -> Result<Self> {
-        let store = Self::connect(url).await?;
         let config: tokio_postgres::Config = url.parse().map_err(|e| StoreError::Url {
             url: redact(url),
             reason: format!("{e}"),
         })?;
+        // NoTls for now: TLS (and client certificates) come with the security work.
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -97,7 +70,14 @@ impl PgStore {
             .create_timeout(Some(Duration::from_secs(10)))
             .build()
             .map_err(|e| StoreError::Pool(e.to_string()))?;
-        Ok(PgStore { pool, ..store })
+        let store = PgStore {
+            pool,
+            series: Default::default(),
+            horizon: std::sync::Arc::new(crate::RawHorizon::new(None)),
+        };
+        store.migrate().await?;
+        store.horizon.advance(store.load_raw_horizon().await?);
+        Ok(store)
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Client> {
