@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 use fleetpipe_proto::{Reading, Tags, Timestamp};
 
+mod chunk;
 mod migrations;
 pub mod postgres;
 mod series;
@@ -450,6 +451,14 @@ pub trait Store: Send + Sync + 'static {
     /// stored again and counted twice in the rollups.
     async fn raw_horizon(&self) -> Result<Option<Timestamp>> {
         Ok(None)
+    }
+
+    /// Moves what writes left in a staging area into the long-term layout now rather than
+    /// in the background (the embedded store seals its hot area into chunks and rollups).
+    /// Reads answer the same before and after; tests and benchmarks call it. A no-op
+    /// where there is no staging area.
+    async fn compact(&self) -> Result<()> {
+        Ok(())
     }
 
     /// Checks the store answers.

@@ -28,6 +28,10 @@ pub(crate) const SQLITE: &[Migration] = &[
         version: 3,
         sql: include_str!("../migrations/sqlite/0003_retention.sql"),
     },
+    Migration {
+        version: 4,
+        sql: include_str!("../migrations/sqlite/0004_chunks.sql"),
+    },
 ];
 
 /// PostgreSQL migrations, oldest first.

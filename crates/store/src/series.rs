@@ -95,10 +95,12 @@ fn invalid(i: usize, r: &fleetpipe_proto::Reading, why: &str) -> StoreError {
     ))
 }
 
+/// Unix microseconds in a minute.
+pub(crate) const MINUTE: i64 = 60_000_000;
+
 /// Start of the minute `ts` falls in, in Unix microseconds. Callers have checked the range
 /// with [`check_records`], so this cannot overflow.
 pub(crate) fn minute_of(ts: i64) -> i64 {
-    const MINUTE: i64 = 60_000_000;
     ts - ts.rem_euclid(MINUTE)
 }
 
@@ -159,6 +161,8 @@ pub(crate) struct Pending {
 pub(crate) struct Resolved {
     pub id: i64,
     pub unit: Option<String>,
+    /// Created by this write: nothing of it is stored yet.
+    pub created: bool,
 }
 
 /// A pending series merged with the row found in the database.
@@ -174,7 +178,11 @@ impl Pending {
         let unit = self.unit.clone().or(db_unit.clone());
         let changed = unit != db_unit;
         Merged {
-            resolved: Resolved { id, unit },
+            resolved: Resolved {
+                id,
+                unit,
+                created: false,
+            },
             changed,
         }
     }
@@ -184,6 +192,7 @@ impl Pending {
         Resolved {
             id,
             unit: self.unit.clone(),
+            created: true,
         }
     }
 }

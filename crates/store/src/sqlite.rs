@@ -13,19 +13,22 @@
 //! checkpoint that catches up with the last commit lets the next one start the WAL over, so
 //! without that step the WAL of a store that is never idle would grow without end.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use fleetpipe_proto::Timestamp;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
+use crate::chunk::Pt;
 use crate::migrations::{self, SQLITE as MIGRATIONS};
 use crate::series::{
-    check_records, check_snapshots, minute_of, tags_from_json, Pending, Plan, Resolved,
-    SeriesCache, SeriesRef,
+    check_records, check_snapshots, tags_from_json, Pending, Plan, Resolved, SeriesCache, SeriesRef,
 };
+
+mod chunked;
 use crate::{
     Point, Range, Record, Result, Rollup, SeriesInfo, SeriesKey, Snapshot, Store, StoreError,
     MAX_SERIES_LISTED,
@@ -47,8 +50,21 @@ const WAL_RESET_FRAMES: i64 = 4096;
 /// After a checkpoint, a WAL file larger than this is truncated to it.
 const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 
+/// Most chunks one prune transaction deletes or rewrites (a chunk holds up to
+/// `chunked::CHUNK_POINTS` readings).
+const PRUNE_CHUNKS: i64 = 500;
+
 /// Marks a reading without a quality flag in [`Row::quality`].
 const NO_QUALITY: u32 = u32::MAX;
+
+/// How often the sealer moves the hot area into chunks (see `chunked.rs`): reads seek
+/// once per hot write, so this bounds their cost; each seal rewrites the newest chunk of
+/// every series it touches, so sealing much more often costs more.
+const SEAL_EVERY: Duration = Duration::from_secs(5);
+
+/// Readings written since the last seal that wake the sealer before [`SEAL_EVERY`], and
+/// about the most one seal transaction moves (it holds the writer meanwhile).
+const SEAL_POINTS: u64 = 262_144;
 
 /// A [`Store`] in one SQLite file. Cheap to clone; clones share the connections.
 #[derive(Clone)]
@@ -67,8 +83,98 @@ struct Inner {
     /// go through the writer.
     readers: Option<ReaderPool>,
     series: SeriesCache,
+    /// Per series, the newest reading stored; only used under the writer lock.
+    newest: Mutex<chunked::Newest>,
+    /// Started by the first write of readings: a process that only reads never seals.
+    sealer: OnceLock<Sealer>,
     /// `None` for an in-memory database (no WAL).
     _checkpointer: Option<Checkpointer>,
+}
+
+/// The thread that seals the hot area (see `chunked.rs`) every [`SEAL_EVERY`], or sooner
+/// once [`SEAL_POINTS`] readings were written; stops when dropped.
+struct Sealer {
+    wake: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    /// Readings written since the thread last started a seal.
+    written: Arc<AtomicU64>,
+}
+
+impl Sealer {
+    fn start(writer: Arc<Mutex<Connection>>) -> Result<Sealer> {
+        let wake = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let written = Arc::new(AtomicU64::new(0));
+        let (flag, count) = (Arc::clone(&wake), Arc::clone(&written));
+        std::thread::Builder::new()
+            .name("sqlite-sealer".into())
+            .spawn(move || {
+                let (lock, cv) = &*flag;
+                loop {
+                    {
+                        let Ok(stopped) = lock.lock() else { return };
+                        if *stopped {
+                            return;
+                        }
+                        let idle = |stopped: &mut bool| {
+                            !*stopped && count.load(Ordering::Relaxed) < SEAL_POINTS
+                        };
+                        let Ok((stopped, _)) = cv.wait_timeout_while(stopped, SEAL_EVERY, idle)
+                        else {
+                            return;
+                        };
+                        if *stopped {
+                            return;
+                        }
+                    }
+                    count.store(0, Ordering::Relaxed);
+                    if let Err(e) = seal_all(&writer) {
+                        tracing::warn!(error = %e, "sealing the hot area failed; retrying");
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Task(format!("cannot start the sqlite sealer: {e}")))?;
+        Ok(Sealer { wake, written })
+    }
+
+    /// Counts readings just written, waking the thread when enough are waiting.
+    fn wrote(&self, points: u64) {
+        if self.written.fetch_add(points, Ordering::Relaxed) + points >= SEAL_POINTS {
+            self.wake.1.notify_all();
+        }
+    }
+}
+
+impl Drop for Sealer {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.wake;
+        if let Ok(mut stopped) = lock.lock() {
+            *stopped = true;
+        }
+        cv.notify_all();
+    }
+}
+
+/// Seals everything in the hot area, in transactions of about [`SEAL_POINTS`] readings,
+/// taking the writer for each.
+fn seal_all(writer: &Mutex<Connection>) -> Result<()> {
+    loop {
+        let started = std::time::Instant::now();
+        let sealed = {
+            let mut conn = writer
+                .lock()
+                .map_err(|_| StoreError::Task("sqlite writer mutex poisoned".into()))?;
+            chunked::seal(&mut conn, SEAL_POINTS)?
+        };
+        if sealed.writes == 0 {
+            return Ok(());
+        }
+        tracing::debug!(
+            writes = sealed.writes,
+            readings = sealed.points,
+            series = sealed.series,
+            took = ?started.elapsed(),
+            "sealed hot readings into chunks"
+        );
+    }
 }
 
 /// The thread that checkpoints the WAL; stops (after a last checkpoint) when dropped.
@@ -250,6 +356,8 @@ impl Inner {
                 idle: Mutex::new(Vec::new()),
             }),
             series: SeriesCache::default(),
+            newest: Mutex::default(),
+            sealer: OnceLock::new(),
         })
     }
 
@@ -356,6 +464,12 @@ fn migrate(conn: &mut Connection) -> Result<()> {
                 version: m.version,
                 reason: e.to_string(),
             })?;
+            if m.version == 4 {
+                chunked::convert_v3(&tx).map_err(|e| StoreError::Migration {
+                    version: m.version,
+                    reason: format!("moving readings into chunks: {e}"),
+                })?;
+            }
             tx.execute(
                 "INSERT INTO schema_migrations (version, applied_at)
                  VALUES (?1, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
@@ -419,66 +533,8 @@ impl Rows {
     }
 }
 
-/// Running aggregate of the new readings of one (series, minute) in one batch.
-struct Agg {
-    count: i64,
-    sum: f64,
-    min: f64,
-    max: f64,
-    last: f64,
-    last_ts: i64,
-    last_seq: i64,
-}
-
-impl Agg {
-    fn first(r: &Row) -> Agg {
-        Agg {
-            count: 1,
-            sum: r.value,
-            min: r.value,
-            max: r.value,
-            last: r.value,
-            last_ts: r.ts,
-            last_seq: r.seq,
-        }
-    }
-
-    fn add(&mut self, r: &Row) {
-        self.count += 1;
-        self.sum += r.value;
-        self.min = self.min.min(r.value);
-        self.max = self.max.max(r.value);
-        if (r.ts, r.seq) > (self.last_ts, self.last_seq) {
-            self.last = r.value;
-            self.last_ts = r.ts;
-            self.last_seq = r.seq;
-        }
-    }
-}
-
-const INSERT_READING: &str = "INSERT INTO readings (series_id, ts, seq, value, quality)
-     VALUES (?1, ?2, ?3, ?4, ?5)
-     ON CONFLICT DO NOTHING";
-
-// `last` moves only to a strictly newer (ts, seq): merging in an older batch late, or the
-// same reading again, leaves it alone.
-const UPSERT_ROLLUP: &str = "INSERT INTO rollups_1m AS r
-         (series_id, minute, count, sum, min, max, last, last_ts, last_seq)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-     ON CONFLICT (series_id, minute) DO UPDATE SET
-         count = r.count + excluded.count,
-         sum = r.sum + excluded.sum,
-         min = min(r.min, excluded.min),
-         max = max(r.max, excluded.max),
-         last = CASE WHEN (excluded.last_ts, excluded.last_seq) > (r.last_ts, r.last_seq)
-                     THEN excluded.last ELSE r.last END,
-         last_ts = CASE WHEN (excluded.last_ts, excluded.last_seq) > (r.last_ts, r.last_seq)
-                        THEN excluded.last_ts ELSE r.last_ts END,
-         last_seq = CASE WHEN (excluded.last_ts, excluded.last_seq) > (r.last_ts, r.last_seq)
-                         THEN excluded.last_seq ELSE r.last_seq END";
-
-/// Writes a batch in one transaction: series, readings, then the rollups of the readings
-/// that were new.
+/// Writes a batch in one transaction: series, then the new readings into the hot area
+/// (see `chunked.rs`). Returns how many readings were new.
 fn write_rows(inner: &Inner, conn: &mut Connection, batch: Rows) -> Result<u64> {
     let Rows {
         mut rows,
@@ -487,39 +543,51 @@ fn write_rows(inner: &Inner, conn: &mut Connection, batch: Rows) -> Result<u64> 
     } = batch;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let resolved = resolve_series(&tx, &pending)?;
+    let created: HashSet<i64> = resolved
+        .iter()
+        .filter(|r| r.created)
+        .map(|r| r.id)
+        .collect();
     for row in &mut rows {
         row.series = SeriesRef::Id(Plan::id(row.series, &resolved));
     }
-    // Key order, so consecutive inserts tend to touch the same B-tree pages instead of
-    // hopping between series.
-    rows.sort_unstable_by_key(|r| (Plan::id(r.series, &resolved), r.ts, r.seq));
-    let mut new = 0u64;
-    let mut rollups: HashMap<(i64, i64), Agg> = HashMap::new();
-    {
-        let mut insert = tx.prepare_cached(INSERT_READING)?;
-        for row in &rows {
-            let series_id = Plan::id(row.series, &resolved);
-            let quality = qualities.get(row.quality as usize).map(String::as_str);
-            // Rows affected tells a new reading from one stored before.
-            if insert.execute(params![series_id, row.ts, row.seq, row.value, quality])? == 0 {
-                continue;
+    // Stable, so of two copies of one reading in a batch the first is kept.
+    rows.sort_by_key(|r| (Plan::id(r.series, &resolved), r.ts, r.seq));
+    let mut groups: Vec<chunked::Group> = Vec::new();
+    for row in &rows {
+        let series = Plan::id(row.series, &resolved);
+        let point = Pt {
+            ts: row.ts,
+            seq: row.seq,
+            value: row.value,
+            quality: qualities.get(row.quality as usize).cloned(),
+        };
+        match groups.last_mut() {
+            Some(g) if g.series == series => {
+                if g.points.last().map(Pt::key) != Some(point.key()) {
+                    g.points.push(point);
+                }
             }
-            new += 1;
-            rollups
-                .entry((series_id, minute_of(row.ts)))
-                .and_modify(|a| a.add(row))
-                .or_insert_with(|| Agg::first(row));
-        }
-        let mut upsert = tx.prepare_cached(UPSERT_ROLLUP)?;
-        for (&(series_id, minute), a) in &rollups {
-            upsert.execute(params![
-                series_id, minute, a.count, a.sum, a.min, a.max, a.last, a.last_ts, a.last_seq
-            ])?;
+            _ => groups.push(chunked::Group {
+                series,
+                created: created.contains(&series),
+                points: vec![point],
+            }),
         }
     }
+    let mut newest = inner
+        .newest
+        .lock()
+        .map_err(|_| StoreError::Task("sqlite newest-reading mutex poisoned".into()))?;
+    let (new, committed) = chunked::write(&tx, &mut newest, groups)?;
     tx.commit()?;
+    let points = committed.points;
+    committed.apply(&mut newest);
     // Still under the writer lock, so the cache learns series in commit order.
     inner.series.remember(&pending, &resolved)?;
+    if let Some(sealer) = inner.sealer.get() {
+        sealer.wrote(points);
+    }
     Ok(new)
 }
 
@@ -563,6 +631,14 @@ fn resolve_series(tx: &Connection, pending: &[Pending]) -> Result<Vec<Resolved>>
     Ok(out)
 }
 
+/// The id of the series `(device, sensor, tags JSON)`, if stored.
+fn series_id(conn: &Connection, device: &str, sensor: &str, tags: &str) -> Result<Option<i64>> {
+    Ok(conn
+        .prepare_cached("SELECT id FROM series WHERE device = ?1 AND sensor = ?2 AND tags = ?3")?
+        .query_row(params![device, sensor, tags], |r| r.get(0))
+        .optional()?)
+}
+
 fn limit_param(limit: usize) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
 }
@@ -584,14 +660,10 @@ const RECORD_HORIZON: &str = "INSERT INTO retention_horizons (name, horizon) VAL
      ON CONFLICT (name) DO UPDATE SET horizon = max(horizon, excluded.horizon)
      RETURNING horizon";
 
-// One prune chunk: at most `?3` rows older than `?2`. Readings and rollups are walked series
-// by series from series id `?1` on, along their primary key (`CROSS JOIN` keeps `series`
-// the outer loop), and return the series of each deleted row, so that the next chunk
-// starts where this one stopped. Snapshots are walked along their `ts` index.
-const PRUNE_READINGS: &str = "DELETE FROM readings WHERE (series_id, ts, seq) IN (
-         SELECT r.series_id, r.ts, r.seq FROM series s CROSS JOIN readings r ON r.series_id = s.id
-         WHERE s.id >= ?1 AND r.ts < ?2 ORDER BY s.id LIMIT ?3)
-     RETURNING series_id";
+// One prune chunk: at most `?3` rows older than `?2`. Rollups are walked series by series
+// from series id `?1` on, along their primary key (`CROSS JOIN` keeps `series` the outer
+// loop), and return the series of each deleted row, so that the next chunk starts where
+// this one stopped. Snapshots are walked along their `ts` index.
 const PRUNE_ROLLUPS: &str = "DELETE FROM rollups_1m WHERE (series_id, minute) IN (
          SELECT r.series_id, r.minute FROM series s CROSS JOIN rollups_1m r ON r.series_id = s.id
          WHERE s.id >= ?1 AND r.minute < ?2 ORDER BY s.id LIMIT ?3)
@@ -610,7 +682,8 @@ fn prune_chunk(
     from: i64,
 ) -> Result<(u64, i64)> {
     let sql = match what {
-        crate::Retained::Readings => PRUNE_READINGS,
+        // Pruned by day, in `chunked::prune_step`.
+        crate::Retained::Readings => return Ok((0, from)),
         crate::Retained::Rollups => PRUNE_ROLLUPS,
         crate::Retained::Snapshots => PRUNE_SNAPSHOTS,
     };
@@ -655,6 +728,11 @@ impl Store for SqliteStore {
         check_records(batch)?;
         let plan = self.inner.series.plan(batch)?;
         let rows = Rows::new(batch, plan)?;
+        if self.inner.sealer.get().is_none() {
+            let sealer = Sealer::start(Arc::clone(&self.inner.writer))?;
+            // A concurrent first write may have won; its sealer is the one kept.
+            let _ = self.inner.sealer.set(sealer);
+        }
         self.write(move |inner, conn| write_rows(inner, conn, rows))
             .await
     }
@@ -725,32 +803,23 @@ impl Store for SqliteStore {
             key.tags_json(),
         );
         self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT ts, value, quality FROM readings
-                 WHERE series_id = (SELECT id FROM series
-                                    WHERE device = ?1 AND sensor = ?2 AND tags = ?6)
-                   AND ts >= ?3 AND ts < ?4
-                 ORDER BY ts, seq
-                 LIMIT ?5",
-            )?;
-            let rows = stmt.query_map(
-                params![
-                    device,
-                    sensor,
-                    range.from.as_micros(),
-                    range.to.as_micros(),
-                    limit_param(limit),
-                    tags
-                ],
-                |r| {
-                    Ok(Point {
-                        ts: Timestamp::from_micros(r.get(0)?),
-                        value: r.get(1)?,
-                        quality: r.get(2)?,
-                    })
-                },
-            )?;
-            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            // One read transaction: a seal committing between the two reads of
+            // `series_points` could otherwise hide or double readings.
+            let tx = conn.unchecked_transaction()?;
+            let Some(series) = series_id(&tx, &device, &sensor, &tags)? else {
+                return Ok(Vec::new());
+            };
+            let mut points =
+                chunked::series_points(&tx, series, range.from.as_micros(), range.to.as_micros())?;
+            points.truncate(limit);
+            Ok(points
+                .into_iter()
+                .map(|p| Point {
+                    ts: Timestamp::from_micros(p.ts),
+                    value: p.value,
+                    quality: p.quality,
+                })
+                .collect())
         })
         .await
     }
@@ -761,36 +830,58 @@ impl Store for SqliteStore {
             key.sensor.to_string(),
             key.tags_json(),
         );
+        let (from, to) = (range.from.as_micros(), range.to.as_micros());
         self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT minute, count, sum, min, max, last FROM rollups_1m
-                 WHERE series_id = (SELECT id FROM series
-                                    WHERE device = ?1 AND sensor = ?2 AND tags = ?5)
-                   AND minute >= ?3 AND minute < ?4
-                 ORDER BY minute",
-            )?;
-            let rows = stmt.query_map(
-                params![
-                    device,
-                    sensor,
-                    range.from.as_micros(),
-                    range.to.as_micros(),
-                    tags
-                ],
-                |r| {
-                    let count: i64 = r.get(1)?;
-                    let sum: f64 = r.get(2)?;
-                    Ok(Rollup {
-                        minute: Timestamp::from_micros(r.get(0)?),
-                        count: u64::try_from(count).unwrap_or(0),
+            let tx = conn.unchecked_transaction()?;
+            let Some(series) = series_id(&tx, &device, &sensor, &tags)? else {
+                return Ok(Vec::new());
+            };
+            // The sealed readings' rollups, as stored.
+            let mut minutes: std::collections::BTreeMap<i64, chunked::Agg> = tx
+                .prepare_cached(
+                    "SELECT minute, count, sum, min, max, last, last_ts, last_seq FROM rollups_1m
+                     WHERE series_id = ?1 AND minute >= ?2 AND minute < ?3
+                     ORDER BY minute",
+                )?
+                .query_map(params![series, from, to], |r| {
+                    Ok(chunked::Agg {
+                        minute: r.get(0)?,
+                        count: r.get(1)?,
+                        sum: r.get(2)?,
                         min: r.get(3)?,
                         max: r.get(4)?,
-                        avg: sum / count as f64,
                         last: r.get(5)?,
+                        last_key: (r.get(6)?, r.get(7)?),
                     })
-                },
-            )?;
-            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+                })?
+                .map(|a| a.map(|a| (a.minute, a)))
+                .collect::<rusqlite::Result<_>>()?;
+            // Plus the hot readings of those minutes, not folded in yet.
+            let mut hot = Vec::new();
+            let span_end = to.saturating_add(crate::series::MINUTE);
+            chunked::hot_series_points(&tx, series, from, span_end, &mut hot)?;
+            hot.retain(|p| {
+                let m = crate::series::minute_of(p.ts);
+                m >= from && m < to
+            });
+            hot.sort_unstable_by_key(Pt::key);
+            for a in chunked::by_minute(&hot) {
+                minutes
+                    .entry(a.minute)
+                    .and_modify(|m| m.merge(&a))
+                    .or_insert(a);
+            }
+            Ok(minutes
+                .into_values()
+                .map(|a| Rollup {
+                    minute: Timestamp::from_micros(a.minute),
+                    count: u64::try_from(a.count).unwrap_or(0),
+                    min: a.min,
+                    max: a.max,
+                    avg: a.sum / a.count as f64,
+                    last: a.last,
+                })
+                .collect())
         })
         .await
     }
@@ -844,8 +935,8 @@ impl Store for SqliteStore {
 
     async fn count_readings(&self) -> Result<u64> {
         self.read(|conn| {
-            let n: i64 = conn.query_row("SELECT count(*) FROM readings", [], |r| r.get(0))?;
-            Ok(u64::try_from(n).unwrap_or(0))
+            let tx = conn.unchecked_transaction()?;
+            chunked::count(&tx)
         })
         .await
     }
@@ -870,6 +961,26 @@ impl Store for SqliteStore {
         if what == crate::Retained::Readings {
             self.horizon.advance(Some(horizon));
         }
+        if what == crate::Retained::Readings {
+            // Hot readings first go into chunks, where whole days are dropped; then days
+            // older than `before`'s, then the chunks of its day that start before it, a
+            // few at a time.
+            let writer = Arc::clone(&self.inner.writer);
+            blocking(move || seal_all(&writer)).await?;
+            loop {
+                let step = self
+                    .write(move |_, conn| {
+                        let start = std::time::Instant::now();
+                        let step = chunked::prune_step(conn, before, PRUNE_CHUNKS)?;
+                        Ok(step.map(|(deleted, _)| (deleted, start.elapsed())))
+                    })
+                    .await?;
+                match step {
+                    Some((deleted, pause)) => report.chunk(deleted, pause),
+                    None => return Ok(report),
+                }
+            }
+        }
         // One short transaction per chunk; the writer lock is released in between, so
         // the collectors' commits wait for one chunk at most.
         let mut from = i64::MIN;
@@ -887,6 +998,11 @@ impl Store for SqliteStore {
             }
             from = last;
         }
+    }
+
+    async fn compact(&self) -> Result<()> {
+        let writer = Arc::clone(&self.inner.writer);
+        blocking(move || seal_all(&writer)).await
     }
 
     async fn raw_horizon(&self) -> Result<Option<Timestamp>> {
@@ -1005,7 +1121,6 @@ mod tests {
         let store = SqliteStore::open(":memory:").await.unwrap();
         let conn = store.inner.writer().unwrap();
         let cases = [
-            (PRUNE_READINGS, "r USING PRIMARY KEY (series_id=? AND ts<?)"),
             (
                 PRUNE_ROLLUPS,
                 "r USING PRIMARY KEY (series_id=? AND minute<?)",

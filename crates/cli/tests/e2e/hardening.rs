@@ -285,16 +285,19 @@ async fn telegraf_tagged_series_postgres() {
 // ---------------------------------------------------------------------------------------
 // 2. A reading the store refuses is dead-lettered; the others are stored.
 
-/// Makes the store refuse the value 666; returns what the dead letter's reason must name.
-async fn refuse_666(env: &Env) -> &'static str {
+/// Makes the store refuse one message; returns the subject to publish it on (with the
+/// value 666) and what the dead letter's reason must name.
+async fn refuse_666(env: &Env) -> (&'static str, &'static str) {
     if let Some(path) = env.store_url.strip_prefix("sqlite://") {
+        // The embedded store keeps values inside encoded chunks, out of a trigger's
+        // sight: the operator's trigger refuses a series instead.
         let db = rusqlite::Connection::open(path).unwrap();
         db.execute_batch(
-            "CREATE TRIGGER refuse_666 BEFORE INSERT ON readings WHEN NEW.value = 666 \
-             BEGIN SELECT RAISE(ABORT, 'value 666 refused'); END;",
+            "CREATE TRIGGER refuse_666 BEFORE INSERT ON series WHEN NEW.sensor = 'refused' \
+             BEGIN SELECT RAISE(ABORT, 'series refused'); END;",
         )
         .unwrap();
-        "value 666 refused"
+        ("vehicle.g5.refused", "series refused")
     } else {
         let (client, connection) = tokio_postgres::connect(&env.store_url, tokio_postgres::NoTls)
             .await
@@ -306,13 +309,13 @@ async fn refuse_666(env: &Env) -> &'static str {
             .unwrap();
         drop(client);
         let _ = connection.await;
-        "refuse_666"
+        ("vehicle.g5.speed", "refuse_666")
     }
 }
 
 async fn store_refusal(env: Env) {
     env.run(&["init"]);
-    let must_name = refuse_666(&env).await;
+    let (refused_subject, must_name) = refuse_666(&env).await;
     let js = env.js().await;
     // 1,000 good readings on ten devices; in the middle, 666, which the store refuses, and
     // the issue's NUL bytes, which the decoder refuses (PostgreSQL text cannot hold them).
@@ -328,7 +331,7 @@ async fn store_refusal(env: Env) {
                 "vehicle.n1.speed".into(),
                 r#"{"value":1,"unit":"km\u0000h"}"#.into(),
             )),
-            500 => msgs.push(("vehicle.g5.speed".into(), "666".into())),
+            500 => msgs.push((refused_subject.into(), "666".into())),
             750 => msgs.push(("vehicle.n2.lp".into(), "engine,site=a\0b rpm=1".into())),
             _ => {}
         }
@@ -362,7 +365,7 @@ async fn store_refusal(env: Env) {
     assert!(json.reason.contains("unit"), "{json:?}");
     assert_eq!(lp.subject, "vehicle.n2.lp");
     assert!(lp.reason.contains("control character"), "{lp:?}");
-    assert_eq!(refused.subject, "vehicle.g5.speed");
+    assert_eq!(refused.subject, refused_subject);
     assert_eq!(&refused.payload[..], b"666");
     assert!(
         refused.dlq_subject.starts_with("fleetpipe.dlq.store."),

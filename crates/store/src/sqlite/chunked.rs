@@ -1,0 +1,742 @@
+//! The raw-readings layout of the embedded store (schema version 4): a hot area that
+//! takes each write as a few consecutive rows, sealed into per-series chunks.
+//!
+//! **Write** (`write`, under the writer lock, one transaction): a batch's readings are
+//! grouped by series and sorted; readings already stored are dropped; what is left goes to
+//! `hot` as one row per series, all keyed by the write's id, so the rows of a write are
+//! consecutive keys and a commit dirties a few pages, not one per series. Rollups are not
+//! touched: reads add the hot readings themselves, the sealer folds them in.
+//!
+//! **Exactly once**: this process remembers, per series, the newest `(ts, seq)` stored
+//! ([`Newest`]). A reading newer than that cannot be stored yet (nothing newer is), so the
+//! common case, in-order data, costs a map lookup. Readings at or before it (a
+//! redelivery, late or out-of-order data) are checked against what is stored in their
+//! time span, chunks and hot rows. The map is emptied when another process wrote since
+//! this one last did (`store_meta.generation`), and a series this process has not written
+//! is looked up once (a series created by the write has nothing stored).
+//!
+//! **Seal** (`seal`, on the sealer thread, one transaction): the oldest hot writes are
+//! read, grouped per series, folded into `rollups_1m`, and placed into chunks: appended to
+//! the series' newest chunk while it is small and of the same day, merged with the chunks
+//! they overlap otherwise (late data), then the hot rows are deleted. A crash at any point
+//! leaves either the hot rows or the chunks, never both or neither.
+//!
+//! **Read**: a series' chunks in the range (they never span a day, so the index bounds the
+//! search) plus its hot rows (one seek per hot write whose span meets the range), in one
+//! read transaction so that a seal committing meanwhile cannot hide or double a reading.
+
+use std::collections::{HashMap, HashSet};
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use crate::chunk::{self, Pt};
+use crate::series::minute_of;
+use crate::Result;
+
+/// Most readings in a chunk.
+pub(super) const CHUNK_POINTS: usize = 1024;
+
+/// A seal appends to a series' newest chunk (rewriting it) only while it holds fewer
+/// readings than this; then it starts a new one. Bounds what one seal rewrites per series.
+const APPEND_BELOW: usize = 256;
+
+/// Unix microseconds in a day: chunks never span two UTC days, so retention deletes
+/// whole days.
+pub(super) const DAY: i64 = 86_400_000_000;
+
+pub(super) fn day_of(ts: i64) -> i64 {
+    ts - ts.rem_euclid(DAY)
+}
+
+/// Column `i` of `row`, a blob.
+fn blob<'a>(row: &'a rusqlite::Row<'_>, i: usize) -> Result<&'a [u8]> {
+    row.get_ref(i)?
+        .as_blob()
+        .map_err(|e| crate::StoreError::Task(format!("chunk column {i} is not a blob: {e}")))
+}
+
+/// Per series, the newest `(ts, seq)` stored, as far as this process knows (see the
+/// module docs).
+#[derive(Default)]
+pub(super) struct Newest {
+    map: HashMap<i64, (i64, i64)>,
+    /// `store_meta.generation` after this process's last write.
+    generation: i64,
+}
+
+/// One series' share of a write: its readings sorted by `(ts, seq)`, without repeats.
+pub(super) struct Group {
+    pub series: i64,
+    /// Created by this write: nothing of it is stored.
+    pub created: bool,
+    pub points: Vec<Pt>,
+}
+
+/// Writes a batch (see the module docs) in the open transaction `tx`; returns how many
+/// readings were new. `newest` is updated only by [`Committed::apply`] once `tx` commits.
+pub(super) fn write(
+    tx: &Connection,
+    newest: &mut Newest,
+    groups: Vec<Group>,
+) -> Result<(u64, Committed)> {
+    let generation: i64 = tx.query_row(
+        "SELECT value FROM store_meta WHERE name = 'generation'",
+        [],
+        |r| r.get(0),
+    )?;
+    if generation != newest.generation {
+        // Another process wrote: what this one remembers may be behind.
+        newest.map.clear();
+        newest.generation = generation;
+    }
+    let mut rows: Vec<(i64, usize, i64, i64, Vec<u8>)> = Vec::with_capacity(groups.len());
+    let mut updates = Vec::with_capacity(groups.len());
+    let mut new = 0u64;
+    let (mut min_ts, mut max_ts) = (i64::MAX, i64::MIN);
+    for g in groups {
+        let known = match (g.created, newest.map.get(&g.series)) {
+            (true, _) => None,
+            (false, Some(&k)) => Some(k),
+            (false, None) => newest_stored(tx, g.series)?,
+        };
+        let points = match known {
+            None => g.points,
+            Some(known) => only_new(tx, g.series, g.points, known)?,
+        };
+        let (Some(first), Some(last)) = (points.first(), points.last()) else {
+            continue;
+        };
+        let top = known.map_or(last.key(), |k| k.max(last.key()));
+        updates.push((g.series, top));
+        min_ts = min_ts.min(first.ts);
+        max_ts = max_ts.max(last.ts);
+        new += points.len() as u64;
+        rows.push((
+            g.series,
+            points.len(),
+            first.ts,
+            last.ts,
+            chunk::encode(&points),
+        ));
+    }
+    if rows.is_empty() {
+        return Ok((0, Committed::default()));
+    }
+    let write_id: i64 = tx
+        .prepare_cached(
+            "INSERT INTO hot_writes (n, min_ts, max_ts) VALUES (?1, ?2, ?3) RETURNING id",
+        )?
+        .query_row(params![new as i64, min_ts, max_ts], |r| r.get(0))?;
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO hot (write_id, series_id, n, min_ts, max_ts, data)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        for (series, n, first, last, data) in &rows {
+            insert.execute(params![write_id, series, *n as i64, first, last, data])?;
+        }
+    }
+    let generation: i64 = tx.query_row(
+        "UPDATE store_meta SET value = value + 1 WHERE name = 'generation' RETURNING value",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok((
+        new,
+        Committed {
+            generation: Some(generation),
+            updates,
+            points: new,
+        },
+    ))
+}
+
+/// What a write teaches [`Newest`], applied once its transaction committed.
+#[derive(Default)]
+pub(super) struct Committed {
+    generation: Option<i64>,
+    updates: Vec<(i64, (i64, i64))>,
+    /// Readings it added to the hot area.
+    pub points: u64,
+}
+
+impl Committed {
+    pub(super) fn apply(self, newest: &mut Newest) {
+        if let Some(g) = self.generation {
+            newest.generation = g;
+        }
+        for (series, top) in self.updates {
+            newest.map.insert(series, top);
+        }
+    }
+}
+
+/// `points` (sorted) without those already stored, given that nothing stored is newer
+/// than `known`: only the readings at or before it are looked up.
+fn only_new(tx: &Connection, series: i64, points: Vec<Pt>, known: (i64, i64)) -> Result<Vec<Pt>> {
+    let cut = points.partition_point(|p| p.key() <= known);
+    if cut == 0 {
+        return Ok(points);
+    }
+    let stored: HashSet<(i64, i64)> = series_points(
+        tx,
+        series,
+        points[0].ts,
+        points[cut - 1].ts.saturating_add(1),
+    )?
+    .iter()
+    .map(Pt::key)
+    .collect();
+    let mut out = Vec::with_capacity(points.len());
+    for (i, p) in points.into_iter().enumerate() {
+        if i >= cut || !stored.contains(&p.key()) {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+/// The newest `(ts, seq)` stored for `series`, in chunks or hot rows.
+fn newest_stored(conn: &Connection, series: i64) -> Result<Option<(i64, i64)>> {
+    let sealed: Option<(i64, i64)> = conn
+        .prepare_cached(
+            "SELECT end_ts, end_seq FROM chunks WHERE series_id = ?1
+             ORDER BY start_ts DESC LIMIT 1",
+        )?
+        .query_row([series], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let mut top = sealed;
+    let mut stmt = conn.prepare_cached(
+        "SELECT h.data FROM hot_writes w CROSS JOIN hot h
+             ON h.write_id = w.id AND h.series_id = ?1
+         WHERE h.max_ts >= ?2",
+    )?;
+    let mut rows = stmt.query(params![series, top.map_or(i64::MIN, |t| t.0)])?;
+    while let Some(row) = rows.next()? {
+        let points = chunk::decode(blob(row, 0)?)?;
+        if let Some(last) = points.last() {
+            top = Some(top.map_or(last.key(), |t| t.max(last.key())));
+        }
+    }
+    Ok(top)
+}
+
+/// The readings of `series` with `from <= ts < to`, sorted by `(ts, seq)`: chunks and hot
+/// rows. Call inside a transaction (see the module docs).
+pub(super) fn series_points(conn: &Connection, series: i64, from: i64, to: i64) -> Result<Vec<Pt>> {
+    let mut out = Vec::new();
+    if from >= to {
+        return Ok(out);
+    }
+    {
+        // A chunk never spans two days, so one that ends at or after `from` starts after
+        // `from - DAY`: the index range stays short however old the series.
+        let mut stmt = conn.prepare_cached(
+            "SELECT data FROM chunks
+             WHERE series_id = ?1 AND start_ts > ?2 AND start_ts < ?3 AND end_ts >= ?4
+             ORDER BY start_ts",
+        )?;
+        let mut rows = stmt.query(params![series, from.saturating_sub(DAY), to, from])?;
+        while let Some(row) = rows.next()? {
+            chunk::decode_into(blob(row, 0)?, &mut out)?;
+        }
+    }
+    let sealed = out.len();
+    hot_series_points(conn, series, from, to, &mut out)?;
+    out.retain(|p| p.ts >= from && p.ts < to);
+    if out.len() > sealed || !out.windows(2).all(|w| w[0].key() < w[1].key()) {
+        out.sort_unstable_by_key(Pt::key);
+    }
+    Ok(out)
+}
+
+/// Appends the hot readings of `series` from the hot rows whose span meets
+/// `[from, to)` (not filtered further, not sorted).
+pub(super) fn hot_series_points(
+    conn: &Connection,
+    series: i64,
+    from: i64,
+    to: i64,
+    out: &mut Vec<Pt>,
+) -> Result<()> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT h.data FROM hot_writes w CROSS JOIN hot h
+             ON h.write_id = w.id AND h.series_id = ?1
+         WHERE w.max_ts >= ?2 AND w.min_ts < ?3 AND h.max_ts >= ?2 AND h.min_ts < ?3",
+    )?;
+    let mut rows = stmt.query(params![series, from, to])?;
+    while let Some(row) = rows.next()? {
+        chunk::decode_into(blob(row, 0)?, out)?;
+    }
+    Ok(())
+}
+
+/// Readings in the hot area and in chunks.
+pub(super) fn count(conn: &Connection) -> Result<u64> {
+    let n: i64 = conn.query_row(
+        "SELECT (SELECT coalesce(sum(n), 0) FROM chunks) + (SELECT coalesce(sum(n), 0) FROM hot_writes)",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+/// What one [`seal`] did.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Sealed {
+    pub writes: u64,
+    pub points: u64,
+    pub series: u64,
+}
+
+/// Moves the oldest hot writes, up to about `max_points` readings (at least one write),
+/// into chunks and rollups, in one transaction.
+pub(super) fn seal(conn: &mut Connection, max_points: u64) -> Result<Sealed> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut report = Sealed::default();
+    let mut upto = None;
+    {
+        let mut stmt = tx.prepare_cached("SELECT id, n FROM hot_writes ORDER BY id")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let (id, n): (i64, i64) = (row.get(0)?, row.get(1)?);
+            if upto.is_some() && report.points + n as u64 > max_points {
+                break;
+            }
+            upto = Some(id);
+            report.writes += 1;
+            report.points += n as u64;
+        }
+    }
+    let Some(upto) = upto else {
+        return Ok(report);
+    };
+    let mut by_series: HashMap<i64, Vec<Pt>> = HashMap::new();
+    {
+        let mut stmt = tx.prepare_cached("SELECT series_id, data FROM hot WHERE write_id <= ?1")?;
+        let mut rows = stmt.query([upto])?;
+        while let Some(row) = rows.next()? {
+            let series: i64 = row.get(0)?;
+            chunk::decode_into(blob(row, 1)?, by_series.entry(series).or_default())?;
+        }
+    }
+    let mut series: Vec<i64> = by_series.keys().copied().collect();
+    series.sort_unstable();
+    report.series = series.len() as u64;
+    for id in series {
+        let mut points = by_series.remove(&id).unwrap_or_default();
+        points.sort_unstable_by_key(Pt::key);
+        // Hot rows hold no reading twice (writes drop what is stored); a repeat here
+        // would mean a bug, and keeping one copy is the right repair.
+        points.dedup_by_key(|p| p.key());
+        fold_rollups(&tx, id, &points)?;
+        place(&tx, id, points)?;
+    }
+    tx.execute("DELETE FROM hot WHERE write_id <= ?1", [upto])?;
+    tx.execute("DELETE FROM hot_writes WHERE id <= ?1", [upto])?;
+    tx.commit()?;
+    Ok(report)
+}
+
+// `last` moves only to a strictly newer (ts, seq): merging in an older batch late leaves
+// it alone.
+const UPSERT_ROLLUP: &str = "INSERT INTO rollups_1m AS r
+         (series_id, minute, count, sum, min, max, last, last_ts, last_seq)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+     ON CONFLICT (series_id, minute) DO UPDATE SET
+         count = r.count + excluded.count,
+         sum = r.sum + excluded.sum,
+         min = min(r.min, excluded.min),
+         max = max(r.max, excluded.max),
+         last = CASE WHEN (excluded.last_ts, excluded.last_seq) > (r.last_ts, r.last_seq)
+                     THEN excluded.last ELSE r.last END,
+         last_ts = CASE WHEN (excluded.last_ts, excluded.last_seq) > (r.last_ts, r.last_seq)
+                        THEN excluded.last_ts ELSE r.last_ts END,
+         last_seq = CASE WHEN (excluded.last_ts, excluded.last_seq) > (r.last_ts, r.last_seq)
+                         THEN excluded.last_seq ELSE r.last_seq END";
+
+/// Aggregate of some readings of one series in one minute.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Agg {
+    pub minute: i64,
+    pub count: i64,
+    pub sum: f64,
+    pub min: f64,
+    pub max: f64,
+    pub last: f64,
+    pub last_key: (i64, i64),
+}
+
+impl Agg {
+    fn first(minute: i64, p: &Pt) -> Agg {
+        Agg {
+            minute,
+            count: 1,
+            sum: p.value,
+            min: p.value,
+            max: p.value,
+            last: p.value,
+            last_key: p.key(),
+        }
+    }
+
+    fn add(&mut self, p: &Pt) {
+        self.count += 1;
+        self.sum += p.value;
+        self.min = self.min.min(p.value);
+        self.max = self.max.max(p.value);
+        if p.key() > self.last_key {
+            self.last = p.value;
+            self.last_key = p.key();
+        }
+    }
+
+    /// Folds in another aggregate of the same minute.
+    pub(super) fn merge(&mut self, o: &Agg) {
+        self.count += o.count;
+        self.sum += o.sum;
+        self.min = self.min.min(o.min);
+        self.max = self.max.max(o.max);
+        if o.last_key > self.last_key {
+            self.last = o.last;
+            self.last_key = o.last_key;
+        }
+    }
+}
+
+/// Per-minute aggregates of `points` (sorted by time), oldest first.
+pub(super) fn by_minute(points: &[Pt]) -> Vec<Agg> {
+    let mut out: Vec<Agg> = Vec::new();
+    for p in points {
+        let minute = minute_of(p.ts);
+        match out.last_mut() {
+            Some(a) if a.minute == minute => a.add(p),
+            _ => out.push(Agg::first(minute, p)),
+        }
+    }
+    out
+}
+
+fn fold_rollups(tx: &Connection, series: i64, points: &[Pt]) -> Result<()> {
+    let mut upsert = tx.prepare_cached(UPSERT_ROLLUP)?;
+    for a in by_minute(points) {
+        upsert.execute(params![
+            series,
+            a.minute,
+            a.count,
+            a.sum,
+            a.min,
+            a.max,
+            a.last,
+            a.last_key.0,
+            a.last_key.1
+        ])?;
+    }
+    Ok(())
+}
+
+/// One stored chunk's row, without its data.
+struct ChunkRow {
+    id: i64,
+    start_ts: i64,
+}
+
+/// Puts `points` (sorted, none stored yet) into the chunks of `series`.
+fn place(tx: &Connection, series: i64, points: Vec<Pt>) -> Result<()> {
+    let (Some(first), Some(last)) = (points.first(), points.last()) else {
+        return Ok(());
+    };
+    let (from, to) = (first.ts, last.ts);
+    // The chunks the new readings overlap, and the one just before them if they may be
+    // appended to it.
+    let mut old: Vec<ChunkRow> = Vec::new();
+    let mut merged: Vec<Pt> = Vec::new();
+    {
+        let mut before = tx.prepare_cached(
+            "SELECT id, start_ts, day, n, data FROM chunks
+             WHERE series_id = ?1 AND start_ts <= ?2 ORDER BY start_ts DESC LIMIT 1",
+        )?;
+        let tail = before
+            .query_row(params![series, from], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Vec<u8>>(4)?,
+                ))
+            })
+            .optional()?;
+        let mut overlap = tx.prepare_cached(
+            "SELECT id, start_ts, data FROM chunks
+             WHERE series_id = ?1 AND start_ts > ?2 AND start_ts <= ?3 ORDER BY start_ts",
+        )?;
+        let mut after_from = i64::MIN;
+        if let Some((id, start_ts, day, n, data)) = tail {
+            let decoded = chunk::decode(&data)?;
+            let reaches = decoded.last().is_some_and(|p| p.ts >= from);
+            let appendable = day == day_of(from) && (n as usize) < APPEND_BELOW;
+            if reaches || appendable {
+                old.push(ChunkRow { id, start_ts });
+                merged.extend(decoded);
+            }
+            after_from = start_ts;
+        }
+        let mut rows = overlap.query(params![series, after_from, to])?;
+        while let Some(row) = rows.next()? {
+            let (id, start_ts) = (row.get(0)?, row.get(1)?);
+            if old.iter().any(|c| c.id == id) {
+                continue;
+            }
+            old.push(ChunkRow { id, start_ts });
+            chunk::decode_into(blob(row, 2)?, &mut merged)?;
+        }
+    }
+    let appended = merged.last().is_none_or(|p| p.key() < first.key());
+    merged.extend(points);
+    if !appended {
+        merged.sort_unstable_by_key(Pt::key);
+        merged.dedup_by_key(|p| p.key());
+    }
+    let pieces = split(&merged);
+    // Rewrite in place the chunk whose start stays (the common append), delete the other
+    // old ones, insert the rest: deleting first keeps (series, start) unique throughout.
+    let keep = old
+        .iter()
+        .find(|c| pieces.first().is_some_and(|p| p[0].ts == c.start_ts))
+        .map(|c| c.id);
+    {
+        let mut delete = tx.prepare_cached("DELETE FROM chunks WHERE id = ?1")?;
+        for c in old.iter().filter(|c| Some(c.id) != keep) {
+            delete.execute([c.id])?;
+        }
+    }
+    let mut update = tx.prepare_cached(
+        "UPDATE chunks SET end_ts = ?2, end_seq = ?3, n = ?4, data = ?5 WHERE id = ?1",
+    )?;
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO chunks (series_id, start_ts, end_ts, end_seq, day, n, data)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    for (i, piece) in pieces.iter().enumerate() {
+        let (start, end) = (piece[0].key(), piece[piece.len() - 1].key());
+        let data = chunk::encode(piece);
+        match keep {
+            Some(id) if i == 0 => {
+                update.execute(params![id, end.0, end.1, piece.len() as i64, data])?;
+            }
+            _ => {
+                insert.execute(params![
+                    series,
+                    start.0,
+                    end.0,
+                    end.1,
+                    day_of(start.0),
+                    piece.len() as i64,
+                    data
+                ])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Cuts sorted readings into chunks: a new one at each day, and at most [`CHUNK_POINTS`]
+/// each. Two pieces never start at the same timestamp (the key of a chunk): a cut inside
+/// a run of equal timestamps moves past it.
+fn split(points: &[Pt]) -> Vec<&[Pt]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < points.len() {
+        let day = day_of(points[start].ts);
+        let mut end = start + 1;
+        while end < points.len() && day_of(points[end].ts) == day {
+            if end - start >= CHUNK_POINTS && points[end].ts != points[end - 1].ts {
+                break;
+            }
+            end += 1;
+        }
+        out.push(&points[start..end]);
+        start = end;
+    }
+    out
+}
+
+/// Deletes readings older than `before` from chunks: whole days first, then the chunks of
+/// `before`'s day that start before it, rewritten, in transactions of at most `limit`
+/// chunks. Returns (readings deleted, chunks touched) for the transaction it ran, or
+/// `None` when nothing was left to delete.
+pub(super) fn prune_step(
+    conn: &mut Connection,
+    before: i64,
+    limit: i64,
+) -> Result<Option<(u64, u64)>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut deleted = 0u64;
+    let mut touched = 0u64;
+    {
+        let mut whole = tx.prepare_cached(
+            "DELETE FROM chunks WHERE id IN (SELECT id FROM chunks WHERE day < ?1 LIMIT ?2)
+             RETURNING n",
+        )?;
+        let mut rows = whole.query(params![day_of(before), limit])?;
+        while let Some(row) = rows.next()? {
+            deleted += row.get::<_, i64>(0)? as u64;
+            touched += 1;
+        }
+    }
+    if touched == 0 {
+        let straddling: Vec<(i64, i64, Vec<u8>)> = tx
+            .prepare_cached(
+                "SELECT id, series_id, data FROM chunks WHERE day = ?1 AND start_ts < ?2 LIMIT ?3",
+            )?
+            .query_map(params![day_of(before), before, limit], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        for (id, series, data) in straddling {
+            let points = chunk::decode(&data)?;
+            let kept: Vec<Pt> = points.iter().filter(|p| p.ts >= before).cloned().collect();
+            deleted += (points.len() - kept.len()) as u64;
+            touched += 1;
+            tx.execute("DELETE FROM chunks WHERE id = ?1", [id])?;
+            if let (Some(first), Some(last)) = (kept.first(), kept.last()) {
+                tx.prepare_cached(
+                    "INSERT INTO chunks (series_id, start_ts, end_ts, end_seq, day, n, data)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )?
+                .execute(params![
+                    series,
+                    first.ts,
+                    last.ts,
+                    last.seq,
+                    day_of(first.ts),
+                    kept.len() as i64,
+                    chunk::encode(&kept)
+                ])?;
+            }
+        }
+    }
+    tx.commit()?;
+    Ok((touched > 0).then_some((deleted, touched)))
+}
+
+/// Moves the readings of a version-3 database (one row each in `readings`) into chunks and
+/// drops the table; part of migration 4's transaction. Returns how many it moved.
+pub(super) fn convert_v3(tx: &Connection) -> Result<u64> {
+    let exists: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'readings')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !exists {
+        return Ok(0);
+    }
+    let mut moved = 0u64;
+    {
+        let mut stmt = tx.prepare(
+            "SELECT series_id, ts, seq, value, quality FROM readings ORDER BY series_id, ts, seq",
+        )?;
+        let mut rows = stmt.query([])?;
+        let mut current: Option<i64> = None;
+        let mut points: Vec<Pt> = Vec::new();
+        let mut flush = |series: i64, points: &mut Vec<Pt>| -> Result<()> {
+            moved += points.len() as u64;
+            insert_all(tx, series, points)?;
+            points.clear();
+            Ok(())
+        };
+        while let Some(row) = rows.next()? {
+            let series: i64 = row.get(0)?;
+            if current.is_some_and(|c| c != series) {
+                flush(current.unwrap_or(series), &mut points)?;
+            }
+            current = Some(series);
+            points.push(Pt {
+                ts: row.get(1)?,
+                seq: row.get(2)?,
+                value: row.get(3)?,
+                quality: row.get(4)?,
+            });
+            // A series with a long history is written out a chunk at a time.
+            if points.len() >= CHUNK_POINTS * 64 {
+                let last_ts = points[points.len() - 1].ts;
+                let cut = points.partition_point(|p| day_of(p.ts) < day_of(last_ts));
+                if cut > 0 {
+                    let rest = points.split_off(cut);
+                    flush(series, &mut points)?;
+                    points = rest;
+                }
+            }
+        }
+        if let Some(series) = current {
+            flush(series, &mut points)?;
+        }
+    }
+    tx.execute_batch("DROP TABLE readings")?;
+    tracing::info!(
+        readings = moved,
+        "moved the readings of a version-3 store into chunks"
+    );
+    Ok(moved)
+}
+
+fn insert_all(tx: &Connection, series: i64, points: &[Pt]) -> Result<()> {
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO chunks (series_id, start_ts, end_ts, end_seq, day, n, data)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    for piece in split(points) {
+        let (start, end) = (piece[0].key(), piece[piece.len() - 1].key());
+        insert.execute(params![
+            series,
+            start.0,
+            end.0,
+            end.1,
+            day_of(start.0),
+            piece.len() as i64,
+            chunk::encode(piece)
+        ])?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pt(ts: i64, seq: i64) -> Pt {
+        Pt {
+            ts,
+            seq,
+            value: 0.0,
+            quality: None,
+        }
+    }
+
+    #[test]
+    fn split_cuts_at_days_and_size_never_inside_a_timestamp() {
+        let day0 = 20_000 * DAY;
+        let mut points: Vec<Pt> = (0..(CHUNK_POINTS as i64 + 10))
+            .map(|i| pt(day0 + i, i))
+            .collect();
+        // A run of one timestamp across the size cut.
+        for (i, p) in points.iter_mut().enumerate().skip(CHUNK_POINTS - 2).take(5) {
+            p.ts = day0 + CHUNK_POINTS as i64;
+            p.seq = i as i64;
+        }
+        points.push(pt(day0 + DAY, 0));
+        points.push(pt(day0 + DAY + 1, 0));
+        let pieces = split(&points);
+        let sizes: Vec<usize> = pieces.iter().map(|p| p.len()).collect();
+        assert_eq!(sizes.iter().sum::<usize>(), points.len());
+        assert_eq!(sizes.len(), 3, "{sizes:?}");
+        assert_eq!(sizes[2], 2);
+        for w in pieces.windows(2) {
+            assert!(w[0].last().unwrap().ts < w[1][0].ts);
+        }
+        for p in &pieces {
+            assert_eq!(day_of(p[0].ts), day_of(p[p.len() - 1].ts));
+        }
+    }
+}
