@@ -1,14 +1,18 @@
 //! The embedded store's encoding of a run of one series' readings: a few bytes a reading
 //! instead of a B-tree row.
 //!
-//! A chunk holds points sorted by `(ts, seq)`, column after column:
-//! * the count, then timestamps as delta-of-delta (regular sampling costs one byte a
-//!   point), sequences as deltas, both zigzag LEB128 varints;
-//! * values as the XOR with the previous value's bits, byte-aligned: a 0 byte when
-//!   unchanged, otherwise a control byte (leading zero bytes, significant bytes) and the
-//!   significant bytes (Gorilla's idea, at byte granularity: simpler, and decoding never
-//!   shifts across bytes);
-//! * quality flags, which few readings carry, as a count and `(index, text)` pairs.
+//! A chunk is a stream of points sorted by `(ts, seq)`, each encoded against the one
+//! before it (Gorilla's idea, at byte granularity: simpler, and decoding never shifts
+//! across bytes):
+//! * the timestamp as delta-of-delta (regular sampling costs one byte), the sequence as a
+//!   delta, both zigzag LEB128 varints;
+//! * the value as the XOR with the previous value's bits: a 0 byte when unchanged,
+//!   otherwise a control byte (leading zero bytes, significant bytes) and the significant
+//!   bytes; the control byte's top bit says a quality flag follows (length and text).
+//!
+//! The stream has no header: a chunk is extended by appending the encoding of newer
+//! points, given the [`State`] its last point left (kept next to the chunk), without
+//! decoding it. The count is kept next to it too.
 //!
 //! Decoding checks every length against the input, so a damaged blob is an error, never a
 //! panic or an allocation larger than the blob implies.
@@ -30,103 +34,77 @@ impl Pt {
     }
 }
 
-/// Encodes `points`, which must be sorted by `(ts, seq)` (not checked: any order
-/// round-trips, sorted order compresses).
+/// What encoding the next point needs of the points before it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct State {
+    pub ts: i64,
+    pub delta: i64,
+    pub seq: i64,
+    pub bits: u64,
+}
+
+/// Set in a value's control byte when a quality flag follows.
+const QUALITY: u8 = 0x80;
+
+/// Encodes `points` (sorted by `(ts, seq)`: any order round-trips, sorted compresses) as
+/// a new chunk.
 pub(crate) fn encode(points: &[Pt]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(8 + points.len() * 5);
-    put_uvarint(&mut out, points.len() as u64);
-    let (mut prev_ts, mut prev_delta) = (0i64, 0i64);
-    for (i, p) in points.iter().enumerate() {
-        match i {
-            0 => put_ivarint(&mut out, p.ts),
-            1 => {
-                prev_delta = p.ts.wrapping_sub(prev_ts);
-                put_ivarint(&mut out, prev_delta);
-            }
-            _ => {
-                let delta = p.ts.wrapping_sub(prev_ts);
-                put_ivarint(&mut out, delta.wrapping_sub(prev_delta));
-                prev_delta = delta;
-            }
-        }
-        prev_ts = p.ts;
-    }
-    let mut prev_seq = 0i64;
-    for p in points {
-        put_ivarint(&mut out, p.seq.wrapping_sub(prev_seq));
-        prev_seq = p.seq;
-    }
-    let mut prev_bits = 0u64;
-    for p in points {
-        let bits = p.value.to_bits();
-        let x = bits ^ prev_bits;
-        prev_bits = bits;
-        if x == 0 {
-            out.push(0);
-            continue;
-        }
-        let lead = x.leading_zeros() / 8;
-        let trail = x.trailing_zeros() / 8;
-        let len = 8 - lead - trail;
-        // `len` is 1..=8 and `lead` 0..=7, so the control byte is never 0.
-        out.push(((lead as u8) << 4) | len as u8);
-        let bytes = (x >> (trail * 8)).to_le_bytes();
-        out.extend_from_slice(&bytes[..len as usize]);
-    }
-    let flagged = points.iter().filter(|p| p.quality.is_some()).count();
-    put_uvarint(&mut out, flagged as u64);
-    for (i, p) in points.iter().enumerate() {
-        if let Some(q) = &p.quality {
-            put_uvarint(&mut out, i as u64);
-            put_uvarint(&mut out, q.len() as u64);
-            out.extend_from_slice(q.as_bytes());
-        }
-    }
+    let mut out = Vec::with_capacity(points.len() * 5);
+    let mut state = State::default();
+    append(&mut state, points, &mut out);
     out
 }
 
-/// Decodes a chunk, appending its points to `out`.
-pub(crate) fn decode_into(data: &[u8], out: &mut Vec<Pt>) -> Result<()> {
-    let mut r = Reader { data, at: 0 };
-    let n = r.uvarint()?;
-    // Every point takes at least three bytes (timestamp, sequence, value).
-    if n > (data.len() as u64) / 3 + 1 {
-        return Err(corrupt("count larger than the chunk"));
-    }
-    let n = n as usize;
-    let base = out.len();
-    out.reserve(n);
-    let (mut ts, mut delta) = (0i64, 0i64);
-    for i in 0..n {
-        let v = r.ivarint()?;
-        match i {
-            0 => ts = v,
-            1 => {
-                delta = v;
-                ts = ts.wrapping_add(delta);
-            }
-            _ => {
-                delta = delta.wrapping_add(v);
-                ts = ts.wrapping_add(delta);
-            }
+/// Appends the encoding of `points` to `out`, continuing from `state` (that of the
+/// chunk's last point, or the default for a new chunk), and advances it.
+pub(crate) fn append(state: &mut State, points: &[Pt], out: &mut Vec<u8>) {
+    for p in points {
+        let delta = p.ts.wrapping_sub(state.ts);
+        put_ivarint(out, delta.wrapping_sub(state.delta));
+        put_ivarint(out, p.seq.wrapping_sub(state.seq));
+        let bits = p.value.to_bits();
+        let x = bits ^ state.bits;
+        let flag = if p.quality.is_some() { QUALITY } else { 0 };
+        if x == 0 {
+            out.push(flag);
+        } else {
+            let lead = x.leading_zeros() / 8;
+            let trail = x.trailing_zeros() / 8;
+            let len = 8 - lead - trail;
+            // `len` is 1..=8 and `lead` 0..=7: never 0, and the top bit stays free.
+            out.push(flag | ((lead as u8) << 4) | len as u8);
+            let bytes = (x >> (trail * 8)).to_le_bytes();
+            out.extend_from_slice(&bytes[..len as usize]);
         }
-        out.push(Pt {
-            ts,
-            seq: 0,
-            value: 0.0,
-            quality: None,
-        });
+        if let Some(q) = &p.quality {
+            put_uvarint(out, q.len() as u64);
+            out.extend_from_slice(q.as_bytes());
+        }
+        *state = State {
+            ts: p.ts,
+            delta,
+            seq: p.seq,
+            bits,
+        };
     }
-    let mut seq = 0i64;
-    for p in &mut out[base..] {
-        seq = seq.wrapping_add(r.ivarint()?);
-        p.seq = seq;
-    }
-    let mut bits = 0u64;
-    for p in &mut out[base..] {
+}
+
+/// Decodes a chunk, appending its points to `out`; returns the state after its last.
+pub(crate) fn decode_into(data: &[u8], out: &mut Vec<Pt>) -> Result<State> {
+    let mut r = Reader { data, at: 0 };
+    let mut s = State::default();
+    while r.at < data.len() {
+        let delta = s.delta.wrapping_add(r.ivarint()?);
+        let ts = s.ts.wrapping_add(delta);
+        let seq = s.seq.wrapping_add(r.ivarint()?);
         let control = r.byte()?;
-        if control != 0 {
-            let (lead, len) = (u32::from(control >> 4), u32::from(control & 0x0f));
+        let mut bits = s.bits;
+        let value_control = control & !QUALITY;
+        if value_control != 0 {
+            let (lead, len) = (
+                u32::from(value_control >> 4),
+                u32::from(value_control & 0x0f),
+            );
             if len == 0 || len > 8 || lead + len > 8 {
                 return Err(corrupt("bad value control byte"));
             }
@@ -135,27 +113,28 @@ pub(crate) fn decode_into(data: &[u8], out: &mut Vec<Pt>) -> Result<()> {
             bytes[..len as usize].copy_from_slice(r.take(len as usize)?);
             bits ^= u64::from_le_bytes(bytes) << (trail * 8);
         }
-        p.value = f64::from_bits(bits);
+        let quality = if control & QUALITY != 0 {
+            let len = r.uvarint()?;
+            let text = r.take(usize::try_from(len).map_err(|_| corrupt("quality length"))?)?;
+            let text = std::str::from_utf8(text).map_err(|_| corrupt("quality is not UTF-8"))?;
+            Some(text.to_string())
+        } else {
+            None
+        };
+        out.push(Pt {
+            ts,
+            seq,
+            value: f64::from_bits(bits),
+            quality,
+        });
+        s = State {
+            ts,
+            delta,
+            seq,
+            bits,
+        };
     }
-    let flagged = r.uvarint()?;
-    if flagged > n as u64 {
-        return Err(corrupt("more quality flags than points"));
-    }
-    for _ in 0..flagged {
-        let i = r.uvarint()?;
-        let len = r.uvarint()?;
-        let text = r.take(usize::try_from(len).map_err(|_| corrupt("quality length"))?)?;
-        let text = std::str::from_utf8(text).map_err(|_| corrupt("quality is not UTF-8"))?;
-        let p = usize::try_from(i)
-            .ok()
-            .and_then(|i| out.get_mut(base + i).filter(|_| i < n))
-            .ok_or_else(|| corrupt("quality index out of range"))?;
-        p.quality = Some(text.to_string());
-    }
-    if r.at != data.len() {
-        return Err(corrupt("trailing bytes"));
-    }
-    Ok(())
+    Ok(s)
 }
 
 /// Decodes a chunk.
@@ -248,6 +227,28 @@ mod tests {
     }
 
     #[test]
+    fn appending_equals_encoding_at_once() {
+        let points: Vec<Pt> = (0..300)
+            .map(|i| Pt {
+                quality: (i % 7 == 0).then(|| format!("q{i}")),
+                ..pt(
+                    1_700_000_000_000_000 + i * 1_000_003 + (i % 3),
+                    i * 2,
+                    (i as f64).sin(),
+                )
+            })
+            .collect();
+        let whole = encode(&points);
+        for cut in [0, 1, 2, 150, 299, 300] {
+            let mut data = encode(&points[..cut]);
+            let mut state = decode_into(&data, &mut Vec::new()).unwrap();
+            append(&mut state, &points[cut..], &mut data);
+            assert_eq!(data, whole, "cut at {cut}");
+            assert_eq!(state, decode_into(&whole, &mut Vec::new()).unwrap());
+        }
+    }
+
+    #[test]
     fn edge_values_round_trip() {
         let mut points: Vec<Pt> = [
             (i64::MIN, 0, f64::MIN_POSITIVE),
@@ -277,14 +278,20 @@ mod tests {
     fn damage_is_an_error_not_a_panic() {
         let points: Vec<Pt> = (0..50).map(|i| pt(i * 10, i, i as f64 * 1.5)).collect();
         let data = encode(&points);
+        // A cut inside a point is an error; at a point's end, fewer points (the count kept
+        // next to the chunk tells).
         for cut in 0..data.len() {
-            assert!(decode(&data[..cut]).is_err(), "cut at {cut}");
+            if let Ok(points) = decode(&data[..cut]) {
+                assert!(points.len() < 50, "cut at {cut}");
+            }
         }
-        let mut longer = data.clone();
-        longer.push(0);
-        assert!(decode(&longer).is_err());
-        // A huge count in a tiny blob is refused before anything is reserved.
-        assert!(decode(&[0xff, 0xff, 0xff, 0xff, 0x0f]).is_err());
+        let mut inside = 0;
+        for cut in 0..data.len() {
+            inside += usize::from(decode(&data[..cut]).is_err());
+        }
+        assert!(inside > 50, "most cuts fall inside a point");
+        // A varint longer than 64 bits is refused.
+        assert!(decode(&[0xff; 11]).is_err());
     }
 
     proptest! {

@@ -7,7 +7,8 @@
 --   new readings encoded (see src/chunk.rs), to `hot`: the rows of one write are
 --   consecutive keys, so a commit writes a few pages whatever the number of series;
 -- * a sealer moves hot rows into `chunks`, per series and day, up to 1,024 readings
---   each, and folds them into `rollups_1m`, in one transaction;
+--   each (appending to a series' newest chunk without decoding it), and folds them into
+--   `rollups_1m`, in one transaction;
 -- * reads merge a series' chunks with its hot rows (one seek per hot write);
 -- * retention deletes whole days of chunks.
 --
@@ -43,6 +44,11 @@ CREATE TABLE chunks (
     -- Sequence of the point at end_ts with the largest sequence: (end_ts, end_seq) is the
     -- chunk's newest reading.
     end_seq   INTEGER NOT NULL,
+    -- With end_ts and end_seq, what encoding a next reading needs (src/chunk.rs, State):
+    -- the last timestamp delta and the last value's bits, so a seal appends to a chunk
+    -- without decoding it.
+    end_delta INTEGER NOT NULL,
+    end_bits  INTEGER NOT NULL,
     day       INTEGER NOT NULL,
     n         INTEGER NOT NULL,
     data      BLOB    NOT NULL

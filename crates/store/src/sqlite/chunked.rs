@@ -17,8 +17,9 @@
 //!
 //! **Seal** (`seal`, on the sealer thread, one transaction): the oldest hot writes are
 //! read, grouped per series, folded into `rollups_1m`, and placed into chunks: appended to
-//! the series' newest chunk while it is small and of the same day, merged with the chunks
-//! they overlap otherwise (late data), then the hot rows are deleted. A crash at any point
+//! the series' newest chunk while it has room and is of the same day (SQL concatenation of
+//! the encoded readings: the chunk is not decoded), merged with the chunks they overlap
+//! otherwise (late data), then the hot rows are deleted. A crash at any point
 //! leaves either the hot rows or the chunks, never both or neither.
 //!
 //! **Read**: a series' chunks in the range (they never span a day, so the index bounds the
@@ -36,9 +37,11 @@ use crate::Result;
 /// Most readings in a chunk.
 pub(super) const CHUNK_POINTS: usize = 1024;
 
-/// A seal appends to a series' newest chunk (rewriting it) only while it holds fewer
-/// readings than this; then it starts a new one. Bounds what one seal rewrites per series.
-const APPEND_BELOW: usize = 256;
+/// A seal appends to a series' newest chunk only while it holds fewer readings than this:
+/// SQLite rewrites a whole row to extend it, so appending to a large chunk would write it
+/// again and again (measured: 190 bytes of WAL per reading with 1,024). Past it, a seal
+/// starts a new chunk.
+const APPEND_BELOW: usize = 128;
 
 /// Unix microseconds in a day: chunks never span two UTC days, so retention deletes
 /// whole days.
@@ -435,110 +438,123 @@ fn fold_rollups(tx: &Connection, series: i64, points: &[Pt]) -> Result<()> {
     Ok(())
 }
 
-/// One stored chunk's row, without its data.
-struct ChunkRow {
+/// The newest chunk of a series that starts at or before some instant, without its data.
+struct Tail {
     id: i64,
-    start_ts: i64,
+    day: i64,
+    n: usize,
+    state: chunk::State,
 }
 
-/// Puts `points` (sorted, none stored yet) into the chunks of `series`.
+/// Puts `points` (sorted, none stored yet) into the chunks of `series`: appended to its
+/// newest chunk when they all come after it (the common case, without decoding it),
+/// merged with the chunks they overlap otherwise.
 fn place(tx: &Connection, series: i64, points: Vec<Pt>) -> Result<()> {
-    let (Some(first), Some(last)) = (points.first(), points.last()) else {
+    let Some(first) = points.first() else {
         return Ok(());
     };
-    let (from, to) = (first.ts, last.ts);
-    // The chunks the new readings overlap, and the one just before them if they may be
-    // appended to it.
-    let mut old: Vec<ChunkRow> = Vec::new();
+    let from = first.ts;
+    let tail = tx
+        .prepare_cached(
+            "SELECT id, day, n, end_ts, end_seq, end_delta, end_bits FROM chunks
+             WHERE series_id = ?1 AND start_ts <= ?2 ORDER BY start_ts DESC LIMIT 1",
+        )?
+        .query_row(params![series, from], |r| {
+            Ok(Tail {
+                id: r.get(0)?,
+                day: r.get(1)?,
+                n: r.get::<_, i64>(2)? as usize,
+                state: chunk::State {
+                    ts: r.get(3)?,
+                    seq: r.get(4)?,
+                    delta: r.get(5)?,
+                    bits: r.get::<_, i64>(6)? as u64,
+                },
+            })
+        })
+        .optional()?;
+    let last_key = points[points.len() - 1].key();
+    let later: Option<i64> = tx
+        .prepare_cached(
+            "SELECT start_ts FROM chunks WHERE series_id = ?1 AND start_ts > ?2
+             ORDER BY start_ts LIMIT 1",
+        )?
+        .query_row(params![series, from], |r| r.get(0))
+        .optional()?;
+    let after_tail = tail
+        .as_ref()
+        .is_none_or(|t| (t.state.ts, t.state.seq) < first.key());
+    if after_tail && later.is_none_or(|start| start > last_key.0) {
+        return extend(tx, series, tail, &points);
+    }
+    merge(tx, series, tail.map(|t| t.id), points)
+}
+
+/// Appends `points`, which come after every stored reading of `series` in their span, to
+/// `tail` while it has room and is of the same day, then starts new chunks.
+fn extend(tx: &Connection, series: i64, tail: Option<Tail>, points: &[Pt]) -> Result<()> {
+    let mut rest = points;
+    if let Some(mut t) = tail {
+        let mut room = if t.n < APPEND_BELOW {
+            CHUNK_POINTS.saturating_sub(t.n).min(rest.len())
+        } else {
+            0
+        };
+        // Same day only, and never a cut inside a run of one timestamp (the next chunk
+        // would start where this one ends).
+        room = rest[..room].partition_point(|p| day_of(p.ts) == t.day);
+        while room > 0 && room < rest.len() && rest[room].ts == rest[room - 1].ts {
+            room -= 1;
+        }
+        if room > 0 {
+            let mut bytes = Vec::with_capacity(room * 5);
+            chunk::append(&mut t.state, &rest[..room], &mut bytes);
+            tx.prepare_cached(
+                "UPDATE chunks SET data = CAST(data || ?2 AS BLOB), n = n + ?3, end_ts = ?4, end_seq = ?5,
+                     end_delta = ?6, end_bits = ?7
+                 WHERE id = ?1",
+            )?
+            .execute(params![
+                t.id,
+                bytes,
+                room as i64,
+                t.state.ts,
+                t.state.seq,
+                t.state.delta,
+                t.state.bits as i64
+            ])?;
+            rest = &rest[room..];
+        }
+    }
+    insert_all(tx, series, rest)
+}
+
+/// Late or out-of-order readings: decodes the chunks of `series` they overlap (and
+/// `tail`, the one starting before them), merges, and writes the result back.
+fn merge(tx: &Connection, series: i64, tail: Option<i64>, points: Vec<Pt>) -> Result<()> {
+    let (from, to) = (points[0].ts, points[points.len() - 1].ts);
+    let mut old: Vec<i64> = Vec::new();
     let mut merged: Vec<Pt> = Vec::new();
     {
-        let mut before = tx.prepare_cached(
-            "SELECT id, start_ts, day, n, data FROM chunks
-             WHERE series_id = ?1 AND start_ts <= ?2 ORDER BY start_ts DESC LIMIT 1",
+        let mut stmt = tx.prepare_cached(
+            "SELECT id, data FROM chunks
+             WHERE series_id = ?1 AND (id = ?2 OR (start_ts > ?3 AND start_ts <= ?4))
+             ORDER BY start_ts",
         )?;
-        let tail = before
-            .query_row(params![series, from], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, Vec<u8>>(4)?,
-                ))
-            })
-            .optional()?;
-        let mut overlap = tx.prepare_cached(
-            "SELECT id, start_ts, data FROM chunks
-             WHERE series_id = ?1 AND start_ts > ?2 AND start_ts <= ?3 ORDER BY start_ts",
-        )?;
-        let mut after_from = i64::MIN;
-        if let Some((id, start_ts, day, n, data)) = tail {
-            let decoded = chunk::decode(&data)?;
-            let reaches = decoded.last().is_some_and(|p| p.ts >= from);
-            let appendable = day == day_of(from) && (n as usize) < APPEND_BELOW;
-            if reaches || appendable {
-                old.push(ChunkRow { id, start_ts });
-                merged.extend(decoded);
-            }
-            after_from = start_ts;
-        }
-        let mut rows = overlap.query(params![series, after_from, to])?;
+        let mut rows = stmt.query(params![series, tail.unwrap_or(-1), from, to])?;
         while let Some(row) = rows.next()? {
-            let (id, start_ts) = (row.get(0)?, row.get(1)?);
-            if old.iter().any(|c| c.id == id) {
-                continue;
-            }
-            old.push(ChunkRow { id, start_ts });
-            chunk::decode_into(blob(row, 2)?, &mut merged)?;
+            old.push(row.get(0)?);
+            chunk::decode_into(blob(row, 1)?, &mut merged)?;
         }
     }
-    let appended = merged.last().is_none_or(|p| p.key() < first.key());
     merged.extend(points);
-    if !appended {
-        merged.sort_unstable_by_key(Pt::key);
-        merged.dedup_by_key(|p| p.key());
+    merged.sort_unstable_by_key(Pt::key);
+    merged.dedup_by_key(|p| p.key());
+    let mut delete = tx.prepare_cached("DELETE FROM chunks WHERE id = ?1")?;
+    for id in old {
+        delete.execute([id])?;
     }
-    let pieces = split(&merged);
-    // Rewrite in place the chunk whose start stays (the common append), delete the other
-    // old ones, insert the rest: deleting first keeps (series, start) unique throughout.
-    let keep = old
-        .iter()
-        .find(|c| pieces.first().is_some_and(|p| p[0].ts == c.start_ts))
-        .map(|c| c.id);
-    {
-        let mut delete = tx.prepare_cached("DELETE FROM chunks WHERE id = ?1")?;
-        for c in old.iter().filter(|c| Some(c.id) != keep) {
-            delete.execute([c.id])?;
-        }
-    }
-    let mut update = tx.prepare_cached(
-        "UPDATE chunks SET end_ts = ?2, end_seq = ?3, n = ?4, data = ?5 WHERE id = ?1",
-    )?;
-    let mut insert = tx.prepare_cached(
-        "INSERT INTO chunks (series_id, start_ts, end_ts, end_seq, day, n, data)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )?;
-    for (i, piece) in pieces.iter().enumerate() {
-        let (start, end) = (piece[0].key(), piece[piece.len() - 1].key());
-        let data = chunk::encode(piece);
-        match keep {
-            Some(id) if i == 0 => {
-                update.execute(params![id, end.0, end.1, piece.len() as i64, data])?;
-            }
-            _ => {
-                insert.execute(params![
-                    series,
-                    start.0,
-                    end.0,
-                    end.1,
-                    day_of(start.0),
-                    piece.len() as i64,
-                    data
-                ])?;
-            }
-        }
-    }
-    Ok(())
+    insert_all(tx, series, &merged)
 }
 
 /// Cuts sorted readings into chunks: a new one at each day, and at most [`CHUNK_POINTS`]
@@ -600,21 +616,7 @@ pub(super) fn prune_step(
             deleted += (points.len() - kept.len()) as u64;
             touched += 1;
             tx.execute("DELETE FROM chunks WHERE id = ?1", [id])?;
-            if let (Some(first), Some(last)) = (kept.first(), kept.last()) {
-                tx.prepare_cached(
-                    "INSERT INTO chunks (series_id, start_ts, end_ts, end_seq, day, n, data)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )?
-                .execute(params![
-                    series,
-                    first.ts,
-                    last.ts,
-                    last.seq,
-                    day_of(first.ts),
-                    kept.len() as i64,
-                    chunk::encode(&kept)
-                ])?;
-            }
+            insert_all(&tx, series, &kept)?;
         }
     }
     tx.commit()?;
@@ -681,21 +683,27 @@ pub(super) fn convert_v3(tx: &Connection) -> Result<u64> {
     Ok(moved)
 }
 
+/// Writes sorted readings, none of which any chunk of `series` overlaps, as new chunks.
 fn insert_all(tx: &Connection, series: i64, points: &[Pt]) -> Result<()> {
     let mut insert = tx.prepare_cached(
-        "INSERT INTO chunks (series_id, start_ts, end_ts, end_seq, day, n, data)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO chunks
+             (series_id, start_ts, end_ts, end_seq, end_delta, end_bits, day, n, data)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?;
     for piece in split(points) {
-        let (start, end) = (piece[0].key(), piece[piece.len() - 1].key());
+        let mut state = chunk::State::default();
+        let mut data = Vec::with_capacity(piece.len() * 5);
+        chunk::append(&mut state, piece, &mut data);
         insert.execute(params![
             series,
-            start.0,
-            end.0,
-            end.1,
-            day_of(start.0),
+            piece[0].ts,
+            state.ts,
+            state.seq,
+            state.delta,
+            state.bits as i64,
+            day_of(piece[0].ts),
             piece.len() as i64,
-            chunk::encode(piece)
+            data
         ])?;
     }
     Ok(())
