@@ -48,6 +48,10 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 3,
         sql: include_str!("../migrations/postgres/0003_retention.sql"),
     },
+    Migration {
+        version: 4,
+        sql: include_str!("../migrations/postgres/0004_partitioned_readings.sql"),
+    },
 ];
 
 /// The newest version in `list`.
