@@ -8,10 +8,13 @@
 //! touched: reads add the hot readings themselves, the sealer folds them in.
 //!
 //! **Exactly once**: this process remembers, per series, the newest `(ts, seq)` stored
-//! ([`Newest`]). A reading newer than that cannot be stored yet (nothing newer is), so the
-//! common case, in-order data, costs a map lookup. Readings at or before it (a
-//! redelivery, late or out-of-order data) are checked against what is stored in their
-//! time span, chunks and hot rows. The map is emptied when another process wrote since
+//! and the newest when it learned the series (its base), and the stream sequences of the
+//! messages it wrote readings of ([`Newest`]). A reading newer than the newest cannot be
+//! stored yet, so in-order data costs a map lookup; one between the base and the newest
+//! from a message this process never wrote is new too (only this process wrote past the
+//! base): two fetch workers' batches of one device interleaving cost no lookup. The rest
+//! (a redelivery, data older than the base) is checked against what is stored in its time
+//! span, chunks and hot rows. All of it is forgotten when another process wrote since
 //! this one last did (`store_meta.generation`), and a series this process has not written
 //! is looked up once (a series created by the write has nothing stored).
 //!
@@ -58,13 +61,84 @@ fn blob<'a>(row: &'a rusqlite::Row<'_>, i: usize) -> Result<&'a [u8]> {
         .map_err(|e| crate::StoreError::Task(format!("chunk column {i} is not a blob: {e}")))
 }
 
-/// Per series, the newest `(ts, seq)` stored, as far as this process knows (see the
-/// module docs).
+/// What this process knows of the readings stored (see the module docs).
 #[derive(Default)]
 pub(super) struct Newest {
-    map: HashMap<i64, (i64, i64)>,
+    map: HashMap<i64, Known>,
+    /// Stream sequences of the readings this process wrote since `map` was last emptied.
+    written: Seqs,
     /// `store_meta.generation` after this process's last write.
     generation: i64,
+}
+
+/// One series as this process knows it: nothing stored is newer than `newest`, and what
+/// is newer than `base` was written by this process (`base` was the newest when it
+/// learned the series, or nothing for one it created).
+#[derive(Debug, Clone, Copy)]
+struct Known {
+    base: (i64, i64),
+    newest: (i64, i64),
+}
+
+/// Nothing: older than every reading.
+const NOTHING: (i64, i64) = (i64::MIN, i64::MIN);
+
+/// A set of stream sequences as disjoint ranges: messages arrive mostly in order, so a
+/// few ranges hold millions. Bounded: past [`Seqs::MAX_RANGES`] the lowest range is
+/// forgotten, and what is forgotten only costs a lookup later (never a wrong answer:
+/// "maybe written" is the safe side).
+struct Seqs {
+    /// Start → end, both inclusive.
+    ranges: std::collections::BTreeMap<i64, i64>,
+    /// Sequences at or below it may have been written.
+    floor: i64,
+}
+
+impl Default for Seqs {
+    fn default() -> Self {
+        Seqs {
+            ranges: Default::default(),
+            floor: i64::MIN,
+        }
+    }
+}
+
+impl Seqs {
+    const MAX_RANGES: usize = 65_536;
+
+    fn may_contain(&self, seq: i64) -> bool {
+        seq <= self.floor
+            || self
+                .ranges
+                .range(..=seq)
+                .next_back()
+                .is_some_and(|(_, &end)| seq <= end)
+    }
+
+    fn insert(&mut self, seq: i64) {
+        if self.may_contain(seq) {
+            return;
+        }
+        let below = self
+            .ranges
+            .range(..seq)
+            .next_back()
+            .filter(|(_, &end)| end == seq - 1)
+            .map(|(&start, _)| start);
+        let above = seq.checked_add(1).and_then(|n| self.ranges.remove(&n));
+        let start = below.unwrap_or(seq);
+        self.ranges.insert(start, above.unwrap_or(seq));
+        if self.ranges.len() > Self::MAX_RANGES {
+            if let Some((_, end)) = self.ranges.pop_first() {
+                self.floor = self.floor.max(end);
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.ranges.clear();
+        self.floor = i64::MIN;
+    }
 }
 
 /// One series' share of a write: its readings sorted by `(ts, seq)`, without repeats.
@@ -90,27 +164,41 @@ pub(super) fn write(
     if generation != newest.generation {
         // Another process wrote: what this one remembers may be behind.
         newest.map.clear();
+        newest.written.clear();
         newest.generation = generation;
     }
     let mut rows: Vec<(i64, usize, i64, i64, Vec<u8>)> = Vec::with_capacity(groups.len());
     let mut updates = Vec::with_capacity(groups.len());
+    let mut seqs = Vec::new();
     let mut new = 0u64;
     let (mut min_ts, mut max_ts) = (i64::MAX, i64::MIN);
     for g in groups {
         let known = match (g.created, newest.map.get(&g.series)) {
-            (true, _) => None,
-            (false, Some(&k)) => Some(k),
-            (false, None) => newest_stored(tx, g.series)?,
+            (true, _) => Known {
+                base: NOTHING,
+                newest: NOTHING,
+            },
+            (false, Some(&k)) => k,
+            (false, None) => {
+                let stored = newest_stored(tx, g.series)?.unwrap_or(NOTHING);
+                Known {
+                    base: stored,
+                    newest: stored,
+                }
+            }
         };
-        let points = match known {
-            None => g.points,
-            Some(known) => only_new(tx, g.series, g.points, known)?,
-        };
+        let points = only_new(tx, g.series, g.points, known, &newest.written)?;
         let (Some(first), Some(last)) = (points.first(), points.last()) else {
             continue;
         };
-        let top = known.map_or(last.key(), |k| k.max(last.key()));
-        updates.push((g.series, top));
+        updates.push((
+            g.series,
+            Known {
+                base: known.base,
+                newest: known.newest.max(last.key()),
+            },
+        ));
+        seqs.extend(points.iter().map(|p| p.seq));
         min_ts = min_ts.min(first.ts);
         max_ts = max_ts.max(last.ts);
         new += points.len() as u64;
@@ -149,6 +237,7 @@ pub(super) fn write(
         Committed {
             generation: Some(generation),
             updates,
+            seqs,
             points: new,
         },
     ))
@@ -158,7 +247,9 @@ pub(super) fn write(
 #[derive(Default)]
 pub(super) struct Committed {
     generation: Option<i64>,
-    updates: Vec<(i64, (i64, i64))>,
+    updates: Vec<(i64, Known)>,
+    /// Stream sequences of the readings it stored.
+    seqs: Vec<i64>,
     /// Readings it added to the hot area.
     pub points: u64,
 }
@@ -168,31 +259,45 @@ impl Committed {
         if let Some(g) = self.generation {
             newest.generation = g;
         }
-        for (series, top) in self.updates {
-            newest.map.insert(series, top);
+        for (series, known) in self.updates {
+            newest.map.insert(series, known);
+        }
+        for seq in self.seqs {
+            newest.written.insert(seq);
         }
     }
 }
 
-/// `points` (sorted) without those already stored, given that nothing stored is newer
-/// than `known`: only the readings at or before it are looked up.
-fn only_new(tx: &Connection, series: i64, points: Vec<Pt>, known: (i64, i64)) -> Result<Vec<Pt>> {
-    let cut = points.partition_point(|p| p.key() <= known);
-    if cut == 0 {
+/// `points` (sorted) without those already stored. Newer than `known.newest`: new.
+/// Newer than `known.base` from a message this process never wrote a reading of: new
+/// too, as only this process wrote readings newer than the base (readings of one message
+/// arriving out of order with another message's, two fetch workers racing). The rest is
+/// looked up in the store.
+fn only_new(
+    tx: &Connection,
+    series: i64,
+    points: Vec<Pt>,
+    known: Known,
+    written: &Seqs,
+) -> Result<Vec<Pt>> {
+    let cut = points.partition_point(|p| p.key() <= known.newest);
+    let doubt = |p: &Pt| p.key() <= known.base || written.may_contain(p.seq);
+    let Some(first) = points[..cut].iter().position(doubt) else {
         return Ok(points);
-    }
+    };
+    let last = points[..cut].iter().rposition(doubt).unwrap_or(first);
     let stored: HashSet<(i64, i64)> = series_points(
         tx,
         series,
-        points[0].ts,
-        points[cut - 1].ts.saturating_add(1),
+        points[first].ts,
+        points[last].ts.saturating_add(1),
     )?
     .iter()
     .map(Pt::key)
     .collect();
     let mut out = Vec::with_capacity(points.len());
     for (i, p) in points.into_iter().enumerate() {
-        if i >= cut || !stored.contains(&p.key()) {
+        if i >= cut || !doubt(&p) || !stored.contains(&p.key()) {
             out.push(p);
         }
     }
@@ -712,6 +817,34 @@ fn insert_all(tx: &Connection, series: i64, points: &[Pt]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sequence_ranges() {
+        let mut s = Seqs::default();
+        for seq in [5, 7, 6, 1, 3, 2, 100] {
+            s.insert(seq);
+        }
+        let ranges: Vec<(i64, i64)> = s.ranges.iter().map(|(&a, &b)| (a, b)).collect();
+        assert_eq!(ranges, [(1, 3), (5, 7), (100, 100)]);
+        for (seq, want) in [
+            (0, false),
+            (1, true),
+            (4, false),
+            (7, true),
+            (8, false),
+            (100, true),
+        ] {
+            assert_eq!(s.may_contain(seq), want, "{seq}");
+        }
+        // Bounded: the lowest ranges give way to a floor below which all is "maybe".
+        let mut s = Seqs::default();
+        for i in 0..(Seqs::MAX_RANGES as i64 + 10) {
+            s.insert(i * 2);
+        }
+        assert_eq!(s.ranges.len(), Seqs::MAX_RANGES);
+        assert!(s.may_contain(1));
+        assert!(!s.may_contain(Seqs::MAX_RANGES as i64 * 2 + 11));
+    }
 
     fn pt(ts: i64, seq: i64) -> Pt {
         Pt {
