@@ -11,8 +11,11 @@
 //!   to different series.
 //! * Writes are idempotent. A reading is identified by `(series, ts, seq)` where `seq` is
 //!   the JetStream stream sequence of the message that carried it, so a redelivered
-//!   message never produces a second row, and rollups count each reading once (they are
-//!   updated in the same transaction, from the rows actually inserted).
+//!   message never produces a second reading, and rollups count each reading once
+//!   (PostgreSQL updates them in the same statement, from the rows actually inserted; the
+//!   embedded store never holds a reading twice, folds readings into the rollups when it
+//!   seals them, and adds the unsealed ones to rollup reads).
+//! * A write is visible to reads as soon as it returns.
 //! * Snapshots are identified by `(device, ts)`; writing the same tick twice is a no-op.
 //! * Retention never stalls writers: a prune deletes in transactions of at most
 //!   [`PRUNE_CHUNK`] rows, after recording the table's horizon; writes skip readings older
@@ -348,8 +351,8 @@ pub trait Store: Send + Sync + 'static {
     /// `"sqlite"` or `"postgres"`.
     fn kind(&self) -> &'static str;
 
-    /// Durably and idempotently writes a batch of readings and updates their per-minute
-    /// rollups in the same transaction. Returns how many readings were new.
+    /// Durably and idempotently writes a batch of readings; reads and rollups reflect
+    /// them as soon as it returns. Returns how many readings were new.
     async fn write_readings(&self, batch: &[Record]) -> Result<u64>;
 
     /// Durably and idempotently writes one tick's snapshot rows. Returns how many were new.
