@@ -50,6 +50,16 @@ pub struct Global {
         value_name = "TEMPLATE"
     )]
     pub subject_template: Option<String>,
+    /// Collectors put each latest-state key at most once per this window
+    /// (collector.state_window; 0 turns coalescing off).
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETPIPE_STATE_WINDOW",
+        value_name = "DURATION",
+        value_parser = parse_duration
+    )]
+    pub state_window: Option<Duration>,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, global = true, env = "FLEETPIPE_LOG", default_value = "info")]
     pub log: String,

@@ -84,6 +84,9 @@ fn load_config(g: &Global) -> Result<Config> {
     if let Some(t) = &g.subject_template {
         config.subjects.template = t.clone();
     }
+    if let Some(w) = g.state_window {
+        config.collector.state_window = w;
+    }
     if let Ok(bin) = std::env::var("FLEETPIPE_NATS_SERVER") {
         config.nats.server_bin = bin;
     }

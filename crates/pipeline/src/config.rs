@@ -106,6 +106,12 @@ pub struct CollectorConfig {
     /// Device timestamps further than this past the broker's time are dead-lettered.
     #[serde(with = "duration_text")]
     pub max_future: Duration,
+    /// Latest-state puts are coalesced: each key is put at most once per this window, with
+    /// the newest value the collector process holds. Fewer compare-and-set puts cost the
+    /// broker less; the latest state may lag by up to the window. 0 puts every batch's
+    /// updates at once; at most [`MAX_STATE_WINDOW`].
+    #[serde(with = "duration_text")]
+    pub state_window: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -208,6 +214,11 @@ const fn default_max_rollup_rows() -> u64 {
     100_000
 }
 
+/// Short next to the 20 ms publish → latest-state target (BENCHMARKS.md).
+const fn default_state_window() -> Duration {
+    Duration::from_millis(5)
+}
+
 /// Where `fleetpipe serve` and `fleetpipe up` listen unless told otherwise.
 pub const DEFAULT_HTTP: &str = "127.0.0.1:8080";
 
@@ -285,6 +296,7 @@ impl Default for CollectorConfig {
             max_deliver: 10,
             max_payload_bytes: Limits::default().max_payload_bytes,
             max_future: Duration::from_secs(300),
+            state_window: default_state_window(),
         }
     }
 }
@@ -323,6 +335,9 @@ pub const MAX_RETENTION: Duration = Duration::from_secs(36_525 * 24 * 3600);
 
 /// Shortest retention (and `state.max_idle`) accepted.
 pub const MIN_RETENTION: Duration = Duration::from_secs(60);
+
+/// Longest `collector.state_window` accepted: the latest state is meant to be live.
+pub const MAX_STATE_WINDOW: Duration = Duration::from_secs(1);
 
 /// Longest `aggregator.interval` and `aggregator.lease_ttl` accepted.
 pub const MAX_AGGREGATOR_PERIOD: Duration = Duration::from_secs(3600);
@@ -406,6 +421,13 @@ impl Config {
         }
         if c.batch_wait > c.ack_wait / 2 {
             problems.push("collector.batch_wait must be under half of collector.ack_wait".into());
+        }
+        if c.state_window > MAX_STATE_WINDOW {
+            problems.push(format!(
+                "collector.state_window is {}, it must be from 0s (no coalescing) to {}",
+                humantime::format_duration(c.state_window),
+                humantime::format_duration(MAX_STATE_WINDOW)
+            ));
         }
         if c.max_payload_bytes == 0 {
             problems.push("collector.max_payload_bytes must be positive".into());
@@ -636,6 +658,30 @@ mod tests {
         let mut c = Config::default();
         c.subjects.capture = vec!["fleetpipe.>".into()];
         assert_eq!(c.validate().unwrap_err().0.len(), 1);
+    }
+
+    #[test]
+    fn the_state_window_is_bounded() {
+        for (text, window) in [("0s", Duration::ZERO), ("1s", MAX_STATE_WINDOW)] {
+            let c = Config::from_toml(&format!("[collector]\nstate_window = \"{text}\"")).unwrap();
+            c.validate().unwrap();
+            assert_eq!(c.collector.state_window, window);
+        }
+        for text in ["1001ms", "1h", "100000000y"] {
+            let c = Config::from_toml(&format!("[collector]\nstate_window = \"{text}\"")).unwrap();
+            let errors = c.validate().unwrap_err().0;
+            assert!(
+                errors.len() == 1 && errors[0].contains("collector.state_window is"),
+                "{text}: {errors:?}"
+            );
+        }
+        // Listed with the other problems, not instead of them.
+        let mut c = Config::default();
+        c.collector.state_window = Duration::from_secs(2);
+        c.collector.workers = 0;
+        assert_eq!(c.validate().unwrap_err().0.len(), 2);
+        let err = Config::from_toml("[collector]\nstate_window = \"-5ms\"").unwrap_err();
+        assert!(format!("{err:#}").contains("not a duration"), "{err:#}");
     }
 
     #[test]

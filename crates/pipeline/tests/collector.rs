@@ -342,3 +342,49 @@ async fn a_graceful_stop_hands_back_what_it_pulled() {
     again.stop.cancel();
     again.task.await.unwrap();
 }
+
+/// Latest-state coalescing, off (0) and with a window: batches of 10 messages, so most
+/// batches share their keys with batches waiting in the same window. Every message is
+/// stored and acknowledged once, nothing is redelivered, and the state holds each device's
+/// newest reading. (How many puts the window saved depends on timing: printed, not
+/// checked; `coalesce.rs` checks the count.)
+#[tokio::test(flavor = "multi_thread")]
+async fn coalesced_state_puts_still_acknowledge_every_batch() {
+    for window in [Duration::ZERO, Duration::from_millis(300)] {
+        let server = NatsServer::start();
+        let mut cfg = config(Duration::from_secs(30));
+        cfg.collector.batch_size = 10;
+        cfg.collector.state_window = window;
+        let r = rig(&server, &cfg, Arc::new(Faults::default())).await;
+        let messages = plain(500);
+        publish(&r.js, &messages).await;
+        wait_for("500 readings stored", Duration::from_secs(60), async || {
+            r.store.count_readings().await.unwrap() == 500
+        })
+        .await;
+        wait_for("nothing pending", Duration::from_secs(30), async || {
+            pending(&r.js).await == (0, 0)
+        })
+        .await;
+        let state = r.js.get_key_value("fleetpipe_state").await.unwrap();
+        for d in 0..10 {
+            let v = state.get(format!("d{d}.speed")).await.unwrap().unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&v).unwrap();
+            assert_eq!(v["value"], 490.0 + d as f64, "{window:?} d{d}");
+        }
+        let puts =
+            r.js.get_stream("KV_fleetpipe_state")
+                .await
+                .unwrap()
+                .info()
+                .await
+                .unwrap()
+                .state
+                .last_sequence;
+        eprintln!("window {window:?}: {puts} state puts for 500 messages");
+        let s = r.stats.snapshot();
+        assert_eq!((s.redelivered, s.nats_errors), (0, 0), "{s:?}");
+        r.stop.cancel();
+        r.task.await.unwrap();
+    }
+}

@@ -55,13 +55,22 @@ struct Known {
     revision: u64,
 }
 
-/// One put to make.
+/// One put to make: the newest reading of one series in a batch.
 pub(crate) struct Update {
-    hash: u64,
+    /// The series, as the key of [`Latest`]'s map (a keyed hash of device, sensor, tags).
+    pub(super) hash: u64,
     key: String,
+    /// What orders two readings of a series: `(ts, seq)`, the larger is newer.
     ts: i64,
     seq: u64,
     body: Bytes,
+}
+
+impl Update {
+    /// True when `self` is a newer reading of its series than `other`.
+    pub(super) fn is_newer_than(&self, other: &Update) -> bool {
+        (self.ts, self.seq) > (other.ts, other.seq)
+    }
 }
 
 /// Latest-state writer shared by a process's fetch workers.
@@ -128,13 +137,20 @@ impl Latest {
 
     /// Puts every update, each a compare-and-set (see the module docs). True when each one
     /// is stored or known to be older than the bucket's value.
-    ///
-    /// The puts of a batch go out together and their acknowledgements come back on one
-    /// subscription (`acks.rs`); a conflict, rare, is resolved key by key.
     pub(crate) async fn publish(&self, updates: Vec<Update>) -> bool {
+        self.put_all(&updates).await.into_iter().all(|ok| ok)
+    }
+
+    /// Puts every update, each a compare-and-set (see the module docs). Per update, true
+    /// when it is stored or known to be older than the bucket's value.
+    ///
+    /// The puts go out together and their acknowledgements come back on one subscription
+    /// (`acks.rs`); a conflict, rare, is resolved key by key.
+    pub(crate) async fn put_all(&self, updates: &[Update]) -> Vec<bool> {
+        let mut results = vec![true; updates.len()];
         let mut sent = Vec::with_capacity(updates.len());
         let mut messages = Vec::with_capacity(updates.len());
-        for u in updates {
+        for (i, u) in updates.iter().enumerate() {
             // Expect a revision only together with the knowledge that its value is older:
             // another batch of this process may have stored a newer reading meanwhile.
             let expected = match self.known(u.hash) {
@@ -142,43 +158,44 @@ impl Latest {
                 Some(k) => k.revision,
                 None => 0,
             };
-            messages.push((self.subject(&u), expectation(expected), u.body.clone()));
-            sent.push(u);
+            messages.push((self.subject(u), expectation(expected), u.body.clone()));
+            sent.push(i);
         }
         if sent.is_empty() {
-            return true;
+            return results;
         }
         let mux = match self.acks().await {
             Ok(mux) => mux,
             Err(e) => {
                 tracing::warn!(error = %e, "latest-state update failed; the batch will be redelivered");
-                return false;
+                return vec![false; updates.len()];
             }
         };
         let acks = mux.publish_all(messages).await;
-        let mut ok = true;
         let mut conflicts = Vec::new();
-        for (u, ack) in sent.iter().zip(acks) {
+        for (&i, ack) in sent.iter().zip(acks) {
+            let u = &updates[i];
             match ack {
                 Some(Ack::Stored(seq)) => self.remember(u.hash, u.ts, u.seq, seq),
-                Some(Ack::Refused(WRONG_LAST_SEQUENCE, _)) => conflicts.push(u),
+                Some(Ack::Refused(WRONG_LAST_SEQUENCE, _)) => conflicts.push(i),
                 Some(Ack::Refused(code, why)) => {
                     tracing::warn!(code, error = %why, key = %u.key, "latest-state update refused; the batch will be redelivered");
-                    ok = false;
+                    results[i] = false;
                 }
                 None => {
                     tracing::warn!(key = %u.key, "latest-state update not acknowledged; the batch will be redelivered");
-                    ok = false;
+                    results[i] = false;
                 }
             }
         }
-        for u in conflicts {
+        for i in conflicts {
+            let u = &updates[i];
             if let Err(e) = self.resolve_conflict(u).await {
                 tracing::warn!(error = %e, key = %u.key, "latest-state update failed; the batch will be redelivered");
-                ok = false;
+                results[i] = false;
             }
         }
-        ok
+        results
     }
 
     fn subject(&self, u: &Update) -> String {

@@ -4,9 +4,10 @@
 //! Inside one process the work is a two-stage pipeline:
 //!
 //! 1. **fetch** workers take whatever batch the consumer has ready (waiting at most
-//!    `collector.batch_wait` for more), decode it in chunks, and at once publish the latest
-//!    state (`latest.rs`) and the dead letters (`dead_letter.rs`), so the latest state never
-//!    waits for the store;
+//!    `collector.batch_wait` for more), decode it in chunks, and at once hand the latest
+//!    state to the process's coalescer (`coalesce.rs`, which puts each key at most once per
+//!    `collector.state_window` through `latest.rs`) and publish the dead letters
+//!    (`dead_letter.rs`), so the latest state never waits for the store;
 //! 2. **writers** (`write.rs`) take decoded batches, merge every batch already waiting into
 //!    one store transaction (group commit: under load, transactions grow instead of
 //!    queueing), wait out store outages, isolate and dead-letter a message the store
@@ -38,6 +39,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 mod acks;
+mod coalesce;
 mod dead_letter;
 mod inflight;
 mod latest;
@@ -48,6 +50,7 @@ pub use pull::BatchPuller;
 
 use crate::config::Config;
 use crate::stats::Stats;
+use coalesce::Coalescer;
 use dead_letter::DeadLetter;
 use inflight::InFlight;
 use latest::Latest;
@@ -74,7 +77,8 @@ pub(crate) struct DecodedBatch {
     records: Vec<Record>,
     dead_letters: u64,
     /// The latest-state and dead-letter publishes, started by the fetch worker: true when
-    /// the broker stored them all.
+    /// the broker stored them all (for the latest state: a put covering each key, see
+    /// `coalesce.rs`).
     published: JoinHandle<bool>,
     /// This batch's share of [`MAX_QUEUED_KIB`], returned once it is written.
     queued: Option<OwnedSemaphorePermit>,
@@ -111,6 +115,8 @@ pub struct Collector {
     telemetry_stream: String,
     stats: Arc<Stats>,
     latest: Arc<Latest>,
+    /// Puts `latest`'s updates, at most once per key per `collector.state_window`.
+    state: Arc<Coalescer>,
     inflight: InFlight,
     /// Room for [`MAX_QUEUED_KIB`].
     queue_room: Arc<Semaphore>,
@@ -127,9 +133,14 @@ impl Collector {
         store: Arc<dyn Store>,
         stats: Arc<Stats>,
     ) -> Result<Self> {
+        let latest = Arc::new(Latest::new(js.clone()));
         Ok(Collector {
             consumer,
-            latest: Arc::new(Latest::new(js.clone())),
+            state: Arc::new(Coalescer::new(
+                latest.clone(),
+                config.collector.state_window,
+            )),
+            latest,
             js,
             store,
             template: config.template()?,
@@ -150,6 +161,8 @@ impl Collector {
     /// sent them meanwhile (so it comes back at once, to another collector); writers then
     /// write and acknowledge everything decoded, so a graceful stop leaves nothing
     /// half-done.
+    ///
+    /// Once per collector: at the end its latest-state coalescer is closed.
     pub async fn run(self: Arc<Self>, workers: usize, shutdown: CancellationToken) {
         // Unbounded in batches: `queue_room` bounds it in bytes, which is what costs
         // memory. A bound in batches would fill with small batches during one slow commit
@@ -172,8 +185,13 @@ impl Collector {
             tokio::spawn(async move { me.write(rx, shutdown).await })
         }));
         // The helpers stop once the writers are done, not at the signal: the keepalive
-        // must cover the last commits.
+        // must cover the last commits, and the writers wait for the last state puts.
         let helpers = CancellationToken::new();
+        let state = {
+            let state = self.state.clone();
+            let stop = helpers.clone();
+            tokio::spawn(async move { state.run(stop).await })
+        };
         let keepalive = {
             let me = self.clone();
             let client = self.js.client();
@@ -205,6 +223,7 @@ impl Collector {
             }
         }
         helpers.cancel();
+        let _ = state.await;
         let _ = keepalive.await;
         if let Some(a) = advisories {
             let _ = a.await;
@@ -312,12 +331,12 @@ impl Collector {
             }
         }
         let dead_letters = dead.len() as u64;
-        let state = self.latest.updates(&records);
+        let state = self.state.submit(self.latest.updates(&records));
         let inflight = self.inflight.register(replies(&taken));
-        let (js, stats, latest) = (self.js.clone(), self.stats.clone(), self.latest.clone());
+        let (js, stats) = (self.js.clone(), self.stats.clone());
         let published = tokio::spawn(async move {
             let dlq = futures::future::join_all(dead.into_iter().map(|d| d.publish(js.clone())));
-            let (state_ok, dlq) = tokio::join!(latest.publish(state), dlq);
+            let (state_ok, dlq) = tokio::join!(state.confirmed(), dlq);
             let ok = state_ok && dlq.iter().all(Result::is_ok);
             if !ok {
                 Stats::add(&stats.nats_errors, 1);
