@@ -39,6 +39,7 @@ mod probes;
 mod process;
 mod progress;
 mod publishers;
+mod queries;
 mod report;
 
 use std::path::PathBuf;
@@ -190,14 +191,24 @@ impl Bench {
         let store = fleetpipe_store::open(&self.config.store_url())
             .await
             .context("cannot open the store")?;
+        let seeded_at = queries::seed(&*store).await?;
         let stored_before = store.count_readings().await?;
         let puts_before = state_puts(&broker.js).await?;
         let mut collector = Collector::spawn(&self.config, &self.dir).await?;
         collector.wait_ready(&mut consumer).await?;
         let pid = Some(collector.pid);
+        let stop_queries = tokio_util::sync::CancellationToken::new();
+        let querying = queries::spawn(
+            std::sync::Arc::clone(&store),
+            seeded_at,
+            stop_queries.clone(),
+        );
         let pipeline = self
             .throughput("pipeline", &mut consumer, pid, Load::Sustained)
-            .await?;
+            .await;
+        stop_queries.cancel();
+        let queries = querying.await.context("query task")?;
+        let pipeline = pipeline?;
         self.drain("pipeline", &mut consumer, pid).await?;
         let puts = state_puts(&broker.js).await?.saturating_sub(puts_before);
 
@@ -277,6 +288,7 @@ impl Bench {
             ceiling: ceiling_fig,
             pipeline: pipeline_fig,
             latency: latency.figures(),
+            queries,
             overload: overload.figures(Some(drained)),
             rss,
             accounting,

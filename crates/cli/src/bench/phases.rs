@@ -260,6 +260,22 @@ impl PhaseRun {
         ((to.acked - from.acked.min(to.acked)) as f64 / secs, secs)
     }
 
+    /// Messages/s over the first and the last minute of the window, when it lasts two
+    /// minutes or more.
+    fn first_and_last_minute(&self) -> Option<(f64, f64)> {
+        const MINUTE: Duration = Duration::from_secs(60);
+        let (from, to) = self.window()?;
+        if to.at.duration_since(from.at) < 2 * MINUTE {
+            return None;
+        }
+        let rate = |a: &Sample, b: &Sample| {
+            (b.acked.saturating_sub(a.acked)) as f64 / b.at.duration_since(a.at).as_secs_f64()
+        };
+        let first_end = self.samples.iter().find(|s| s.at >= from.at + MINUTE)?;
+        let last_start = self.samples.iter().rev().find(|s| s.at + MINUTE <= to.at)?;
+        Some((rate(from, first_end), rate(last_start, to)))
+    }
+
     /// Cores each process kept busy over the window.
     fn cpu_cores(&self) -> Cpu {
         match self.window() {
@@ -275,6 +291,7 @@ impl PhaseRun {
     pub(super) fn figures(&self, drain: Option<Duration>) -> PhaseFigures {
         let (messages_per_sec, window_secs) = self.messages_per_sec();
         let per_message = self.readings_per_message();
+        let minutes = self.first_and_last_minute();
         PhaseFigures {
             messages_per_sec,
             readings_per_sec: messages_per_sec * per_message,
@@ -282,6 +299,8 @@ impl PhaseRun {
             published_messages: self.sim.published,
             published_readings: self.sim.readings,
             window_secs,
+            first_minute_per_sec: minutes.map(|m| m.0),
+            last_minute_per_sec: minutes.map(|m| m.1),
             backlog_peak: self.samples.iter().map(|s| s.pending).max().unwrap_or(0),
             drain_secs: drain.map(|d| d.as_secs_f64()),
             cpu_cores: self.cpu_cores(),

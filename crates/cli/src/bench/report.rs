@@ -30,6 +30,8 @@ pub(super) struct Report {
     /// Pipeline messages/s over ceiling messages/s.
     pub(super) ratio: f64,
     pub(super) latency: LatencyFigures,
+    /// Store reads of one seeded series while the pipeline phase ingests.
+    pub(super) queries: super::queries::QueryFigures,
     /// The collector with the publishers flat out.
     pub(super) overload: PhaseFigures,
     pub(super) rss: RssFigures,
@@ -51,6 +53,12 @@ pub(super) struct PhaseFigures {
     pub(super) published_readings: u64,
     /// Length of the measured window.
     pub(super) window_secs: f64,
+    /// With a window of two minutes or more: messages/s over its first and its last
+    /// minute, to tell a steady rate from one that falls as the store grows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) first_minute_per_sec: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) last_minute_per_sec: Option<f64>,
     /// Most messages waiting in JetStream, undelivered, during the phase.
     pub(super) backlog_peak: u64,
     /// Time to work off the backlog after the publishers stopped.
@@ -211,6 +219,43 @@ pub(super) fn targets(r: &Report) -> Vec<Target> {
             Some(r.ratio >= 0.9),
         );
     }
+    if let (Some(first), Some(last)) = (
+        r.pipeline.first_minute_per_sec,
+        r.pipeline.last_minute_per_sec,
+    ) {
+        add(
+            "pipeline: last minute's rate / first minute's",
+            "≥ 0.90",
+            format!(
+                "{:.2} ({} → {} msg/s)",
+                ratio(last, first),
+                thousands(first as u64),
+                thousands(last as u64)
+            ),
+            Some(last >= 0.9 * first),
+        );
+    }
+    let q = &r.queries;
+    add(
+        "1 h of raw readings under full ingest, p99",
+        "≤ 20 ms",
+        format!(
+            "{:.1} ms ({} points)",
+            q.raw_1h_ms.p99,
+            thousands(q.raw_points as u64)
+        ),
+        Some(q.raw_1h_ms.p99 <= 20.0 && q.errors == 0),
+    );
+    add(
+        "30 days of rollups under full ingest, p99",
+        "≤ 50 ms",
+        format!(
+            "{:.1} ms ({} rows)",
+            q.rollups_30d_ms.p99,
+            thousands(q.rollup_rows as u64)
+        ),
+        Some(q.rollups_30d_ms.p99 <= 50.0 && q.errors == 0),
+    );
     let l = &r.latency;
     add(
         "publish → latest state, p99",
