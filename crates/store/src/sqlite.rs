@@ -63,11 +63,11 @@ const NO_QUALITY: u32 = u32::MAX;
 const SEAL_EVERY: Duration = Duration::from_secs(5);
 
 /// Readings written since the last seal that wake the sealer before [`SEAL_EVERY`].
-const SEAL_POINTS: u64 = 524_288;
+const SEAL_POINTS: u64 = 262_144;
 
 /// About the most readings one seal transaction moves: it holds the writer meanwhile, so
 /// this bounds how long a write can wait for a seal.
-const SEAL_TX_POINTS: u64 = 1_048_576;
+const SEAL_TX_POINTS: u64 = 131_072;
 
 /// A [`Store`] in one SQLite file. Cheap to clone; clones share the connections.
 #[derive(Clone)]
@@ -852,8 +852,8 @@ impl Store for SqliteStore {
             let Some(series) = series_id(&tx, &device, &sensor, &tags)? else {
                 return Ok(Vec::new());
             };
-            // The sealed readings' rollups, as stored.
-            let mut minutes: std::collections::BTreeMap<i64, chunked::Agg> = tx
+            // The sealed readings' rollups, as stored, oldest first.
+            let mut minutes: Vec<chunked::Agg> = tx
                 .prepare_cached(
                     "SELECT minute, count, sum, min, max, last, last_ts, last_seq FROM rollups_1m
                      WHERE series_id = ?1 AND minute >= ?2 AND minute < ?3
@@ -870,9 +870,9 @@ impl Store for SqliteStore {
                         last_key: (r.get(6)?, r.get(7)?),
                     })
                 })?
-                .map(|a| a.map(|a| (a.minute, a)))
                 .collect::<rusqlite::Result<_>>()?;
-            // Plus the hot readings of those minutes, not folded in yet.
+            // Plus the hot readings of those minutes, not folded in yet (a few minutes at
+            // most: they go into the sorted list by search).
             let mut hot = Vec::new();
             let span_end = to.saturating_add(crate::series::MINUTE);
             chunked::hot_series_points(&tx, series, from, span_end, &mut hot)?;
@@ -882,13 +882,13 @@ impl Store for SqliteStore {
             });
             hot.sort_unstable_by_key(Pt::key);
             for a in chunked::by_minute(&hot) {
-                minutes
-                    .entry(a.minute)
-                    .and_modify(|m| m.merge(&a))
-                    .or_insert(a);
+                match minutes.binary_search_by_key(&a.minute, |m| m.minute) {
+                    Ok(i) => minutes[i].merge(&a),
+                    Err(i) => minutes.insert(i, a),
+                }
             }
             Ok(minutes
-                .into_values()
+                .into_iter()
                 .map(|a| Rollup {
                     minute: Timestamp::from_micros(a.minute),
                     count: u64::try_from(a.count).unwrap_or(0),
