@@ -188,10 +188,10 @@ impl Bench {
         // 2. Pipeline: the collectors' consumer again, and a collector process on it.
         let broker2 = broker::ensure(&client, &self.config).await?;
         let mut consumer = broker2.consumer.clone();
+        let seeded_at = queries::seed(&self.config.store_url()).await?;
         let store = fleetpipe_store::open(&self.config.store_url())
             .await
             .context("cannot open the store")?;
-        let seeded_at = queries::seed(&*store).await?;
         let stored_before = store.count_readings().await?;
         let puts_before = state_puts(&broker.js).await?;
         let mut collector = Collector::spawn(&self.config, &self.dir).await?;
