@@ -1192,7 +1192,13 @@ async fn staged_and_compacted_data_read_as_one(b: &Backend) {
     assert_eq!(other.write_readings(&first).await.unwrap(), 0);
     // A late reading between the two halves, then everything compacted.
     let late = rec("d", "s", 99, T0 + 9 * SEC + SEC / 2, 100.0);
-    assert_eq!(other.write_readings(std::slice::from_ref(&late)).await.unwrap(), 1);
+    assert_eq!(
+        other
+            .write_readings(std::slice::from_ref(&late))
+            .await
+            .unwrap(),
+        1
+    );
     // The first process learns another one wrote, and still finds the late one stored.
     assert_eq!(store.write_readings(&[late]).await.unwrap(), 0);
     other.compact().await.unwrap();
