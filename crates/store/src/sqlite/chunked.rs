@@ -189,6 +189,8 @@ pub(super) fn write(
         };
         let points = only_new(tx, g.series, g.points, known, &newest.written)?;
         let (Some(first), Some(last)) = (points.first(), points.last()) else {
+            // Nothing new (a redelivery): still remember what was looked up.
+            updates.push((g.series, known));
             continue;
         };
         updates.push((
@@ -211,7 +213,14 @@ pub(super) fn write(
         ));
     }
     if rows.is_empty() {
-        return Ok((0, Committed::default()));
+        // Nothing written: no generation to move, only what was looked up to remember.
+        return Ok((
+            0,
+            Committed {
+                updates,
+                ..Committed::default()
+            },
+        ));
     }
     let write_id: i64 = tx
         .prepare_cached(
