@@ -20,9 +20,12 @@ use crate::{Record, Result, Snapshot, StoreError};
 /// 4714-11-24 BC. SQLite could hold more, but both must accept the same data.
 const MIN_TS_MICROS: i64 = -210_866_803_200_000_000;
 
-/// Latest instant both backends can store. PostgreSQL's limit (294277 AD) lies beyond
-/// what `i64` Unix microseconds reach, so only the type bounds it.
-const MAX_TS_MICROS: i64 = i64::MAX;
+/// Latest instant both backends store. PostgreSQL's limit (294277 AD) lies beyond what
+/// `i64` Unix microseconds reach; one microsecond short of `i64::MAX`, so that every
+/// stored reading lies inside some half-open range `[from, to)` — reads, and the embedded
+/// store's duplicate check, ask for such ranges, and a reading at `i64::MAX` could be
+/// found by neither (a redelivery of it was stored twice).
+const MAX_TS_MICROS: i64 = i64::MAX - 1;
 
 /// Refuses a batch holding something no backend can store faithfully, before anything is
 /// written: a non-finite value (SQLite turns NaN into NULL), a sequence beyond `i64`, a

@@ -250,6 +250,7 @@ conformance!(
     staged_and_compacted_data_read_as_one,
     a_replayed_day_lands_in_order,
     any_interleaving_matches_a_model,
+    the_last_instant_is_stored_once_and_readable,
 );
 
 async fn round_trip_is_exact(b: &Backend) {
@@ -1407,6 +1408,38 @@ async fn any_interleaving_matches_a_model(b: &Backend) {
             );
         }
     }
+}
+
+/// The latest instant a store accepts is readable and deduplicated like any other; one
+/// microsecond later is refused.
+async fn the_last_instant_is_stored_once_and_readable(b: &Backend) {
+    let store = b.open().await;
+    let last = rec("edge", "t", 7, i64::MAX - 1, 1.5);
+    assert_eq!(
+        store
+            .write_readings(std::slice::from_ref(&last))
+            .await
+            .unwrap(),
+        1
+    );
+    store.compact().await.unwrap();
+    assert_eq!(
+        store
+            .write_readings(std::slice::from_ref(&last))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        store.history("edge", "t", all_time(), 10).await.unwrap(),
+        [point(i64::MAX - 1, 1.5, None)]
+    );
+    assert_eq!(store.count_readings().await.unwrap(), 1);
+    let err = store
+        .write_readings(&[rec("edge", "t", 8, i64::MAX, 1.5)])
+        .await
+        .expect_err("beyond the last instant");
+    assert!(matches!(err, StoreError::Invalid(_)), "{err}");
 }
 
 // Backend-specific checks.
