@@ -38,7 +38,7 @@ export interface Series {
   device: string;
   sensor: string;
   tags?: Record<string, string>;
-  source: "raw" | "rollup_1m";
+  source: "raw" | "rollup_1m" | "rollup_1h";
   from: string;
   to: string;
   points: Point[];

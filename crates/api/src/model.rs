@@ -83,6 +83,9 @@ pub enum SeriesSource {
     /// Per-minute rollups, merged into buckets of `step` seconds.
     #[serde(rename = "rollup_1m")]
     Rollup1m,
+    /// Hourly rollups, merged into buckets of `step` seconds (a whole number of hours).
+    #[serde(rename = "rollup_1h")]
+    Rollup1h,
 }
 
 /// The history of one series: a sensor of one device, with one tag set.

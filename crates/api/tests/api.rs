@@ -15,7 +15,7 @@ use fleetpipe_pipeline::state::StateValue;
 use fleetpipe_pipeline::Stats;
 use fleetpipe_proto::{Reading, Timestamp};
 use fleetpipe_store::{
-    Point, Range, Record, Rollup, SeriesInfo, SeriesKey, Snapshot, Store, StoreError,
+    Point, Range, Record, Resolution, Rollup, SeriesInfo, SeriesKey, Snapshot, Store, StoreError,
 };
 use futures::StreamExt;
 use serde_json::Value;
@@ -409,9 +409,10 @@ async fn series_raw_and_rollups() {
         let uri =
             format!("/api/v1/devices/v00001/series?sensor=speed&from={month_ago}{offset}&to=now");
         let (status, body) = get_json(&app, &uri).await;
-        // A long range, so rollups.
+        // A long range, so hourly rollups.
         assert_eq!(status, StatusCode::OK, "{uri}: {body}");
-        assert_eq!(body["source"], "rollup_1m");
+        assert_eq!(body["source"], "rollup_1h");
+        assert_eq!(body["step"], 3600);
     }
 
     // A device known only to the store still has a history; a known sensor with no data
@@ -1326,7 +1327,12 @@ impl Store for DownStore {
     ) -> Result<Vec<Point>, StoreError> {
         Err(down())
     }
-    async fn series_rollups(&self, _: &SeriesKey<'_>, _: Range) -> Result<Vec<Rollup>, StoreError> {
+    async fn series_rollups_at(
+        &self,
+        _: &SeriesKey<'_>,
+        _: Range,
+        _: Resolution,
+    ) -> Result<Vec<Rollup>, StoreError> {
         Err(down())
     }
     async fn snapshots(
@@ -1778,13 +1784,14 @@ impl Store for GatedStore {
         self.pass().await;
         self.inner.series_history(key, range, limit).await
     }
-    async fn series_rollups(
+    async fn series_rollups_at(
         &self,
         key: &SeriesKey<'_>,
         range: Range,
+        resolution: Resolution,
     ) -> Result<Vec<Rollup>, StoreError> {
         self.pass().await;
-        self.inner.series_rollups(key, range).await
+        self.inner.series_rollups_at(key, range, resolution).await
     }
     async fn snapshots(
         &self,
@@ -1875,7 +1882,7 @@ async fn too_many_store_queries_is_a_503_with_retry_after_1() {
     let state = limited(
         &f,
         Some(gated.clone()),
-        Limits::new(Duration::from_secs(10), 2, 100_000),
+        Limits::new(Duration::from_secs(10), 2, 1_000),
     );
     let app = router(state.clone());
     // Two requests reading the store, held there.
@@ -1914,7 +1921,7 @@ async fn too_many_store_queries_is_a_503_with_retry_after_1() {
         &app,
         "/api/v1/devices/v00001/series?sensor=speed&from=-300d",
         StatusCode::BAD_REQUEST,
-        "per-minute rollups",
+        "hourly rollups",
     )
     .await;
     assert_eq!(gated.reads(), reads, "refused requests read nothing");
@@ -1962,28 +1969,47 @@ async fn rollup_reads_are_bounded_in_rows() {
         assert!(message.contains(needle), "{message:?} lacks {needle:?}");
     }
     // Wide buckets start the read at the bucket holding `from`: 23 h from noon in
-    // buckets of a day read from midnight, 35 h.
+    // buckets of a day read from midnight, 35 hourly rollups.
+    const DAY_BUCKETS: &str = "/api/v1/devices/v00001/series?sensor=speed\
+        &from=2026-11-20T12:00:00Z&to=2026-11-21T11:00:00Z&step=1d";
+    let (status, body) = get_json(&app, DAY_BUCKETS).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["source"], "rollup_1h");
+    let app_34 = router(limited(
+        &f,
+        None,
+        Limits::new(Duration::from_secs(10), 16, 34),
+    ));
     assert_error(
-        &app,
-        "/api/v1/devices/v00001/series?sensor=speed&from=2026-11-20T12:00:00Z\
-         &to=2026-11-21T11:00:00Z&step=1d",
+        &app_34,
+        DAY_BUCKETS,
         StatusCode::BAD_REQUEST,
-        "in buckets of 86400 s",
+        "needs 35 hourly rollups (from 2026-11-20T00:00:00Z to 2026-11-21T11:00:00Z, in \
+         buckets of 86400 s)",
     )
     .await;
 
-    // The default bound: 100,000 minutes, about 69 days.
+    // The default bound: 100,000 minutes (about 69 days) or hours; ranges longer than a
+    // week are read in hours, so every range up to the longest (366 days) fits, whatever
+    // the step.
     let app = f.app();
-    let (status, body) =
-        get_json(&app, "/api/v1/devices/v00001/series?sensor=speed&from=-60d").await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    assert_error(
-        &app,
-        "/api/v1/devices/v00001/series?sensor=speed&from=-300d",
-        StatusCode::BAD_REQUEST,
-        "more than the 100000 one request may read (about 69.4 days)",
-    )
-    .await;
+    for (from, source) in [
+        ("-6d", "rollup_1m"),
+        ("-60d&step=5m", "rollup_1h"),
+        ("-365d", "rollup_1h"),
+    ] {
+        let uri = format!("/api/v1/devices/v00001/series?sensor=speed&from={from}");
+        let (status, body) = get_json(&app, &uri).await;
+        assert_eq!(status, StatusCode::OK, "{uri}: {body}");
+        assert_eq!(body["source"], source, "{uri}");
+        let total: u64 = body["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["count"].as_u64().unwrap())
+            .sum();
+        assert_eq!(total, 8 * 360, "{uri}: every stored reading, counted once");
+    }
 }
 
 #[tokio::test]

@@ -171,8 +171,8 @@ pub struct ApiConfig {
     /// `Retry-After: 1`. Under PostgreSQL, `fleetpipe up` gives the API a pool of this
     /// many connections (and one for readiness) of its own.
     pub max_concurrent_queries: usize,
-    /// Most per-minute rollup rows one series request reads; a range needing more is
-    /// refused with 400 (100,000 minutes: about 69 days).
+    /// Most rollup rows (minutes, or hours for buckets of whole hours) one series request
+    /// reads; a range needing more is refused with 400 (100,000 minutes: about 69 days).
     pub max_rollup_rows: u64,
 }
 

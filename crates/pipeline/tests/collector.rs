@@ -11,7 +11,7 @@ use fleetpipe_pipeline::collector::Collector;
 use fleetpipe_pipeline::{broker, Config, Stats};
 use fleetpipe_proto::Timestamp;
 use fleetpipe_store::{
-    Point, Range, Record, Rollup, SeriesInfo, SeriesKey, Snapshot, Store, StoreError,
+    Point, Range, Record, Resolution, Rollup, SeriesInfo, SeriesKey, Snapshot, Store, StoreError,
 };
 use fleetpipe_testkit::NatsServer;
 use tokio_util::sync::CancellationToken;
@@ -80,12 +80,13 @@ impl Store for Faulty {
     ) -> fleetpipe_store::Result<Vec<Point>> {
         self.inner.series_history(key, range, limit).await
     }
-    async fn series_rollups(
+    async fn series_rollups_at(
         &self,
         key: &SeriesKey<'_>,
         range: Range,
+        resolution: Resolution,
     ) -> fleetpipe_store::Result<Vec<Rollup>> {
-        self.inner.series_rollups(key, range).await
+        self.inner.series_rollups_at(key, range, resolution).await
     }
     async fn snapshots(
         &self,

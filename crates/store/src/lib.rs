@@ -112,17 +112,41 @@ pub struct Point {
     pub quality: Option<String>,
 }
 
-/// One per-minute rollup of one series.
+/// One rollup of one series: the readings of one minute, or of one hour.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rollup {
-    /// Start of the minute.
-    pub minute: Timestamp,
+    /// Start of the minute (or hour).
+    pub start: Timestamp,
     pub count: u64,
     pub min: f64,
     pub max: f64,
     pub avg: f64,
     /// The value with the latest timestamp in the minute.
     pub last: f64,
+}
+
+/// How much time one rollup covers. Both are kept as readings are stored (minutes for
+/// ranges up to a few days, hours for months), and agree: an hour is the fold of its
+/// minutes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Resolution {
+    Minute,
+    Hour,
+}
+
+impl Resolution {
+    /// The width of a bucket in microseconds.
+    pub fn micros(self) -> i64 {
+        match self {
+            Resolution::Minute => 60_000_000,
+            Resolution::Hour => 3_600_000_000,
+        }
+    }
+
+    /// The start of the bucket holding `ts` (Unix µs).
+    pub fn start_of(self, ts: i64) -> i64 {
+        ts - ts.rem_euclid(self.micros())
+    }
 }
 
 /// A time range, `from` inclusive, `to` exclusive.
@@ -371,7 +395,17 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<Point>>;
 
     /// Per-minute rollups of one series whose minute starts in `range`, oldest first.
-    async fn series_rollups(&self, key: &SeriesKey<'_>, range: Range) -> Result<Vec<Rollup>>;
+    async fn series_rollups(&self, key: &SeriesKey<'_>, range: Range) -> Result<Vec<Rollup>> {
+        self.series_rollups_at(key, range, Resolution::Minute).await
+    }
+
+    /// Rollups of one series at `resolution` whose bucket starts in `range`, oldest first.
+    async fn series_rollups_at(
+        &self,
+        key: &SeriesKey<'_>,
+        range: Range,
+        resolution: Resolution,
+    ) -> Result<Vec<Rollup>>;
 
     /// Like [`Store::series_history`] for the one series of `device`'s `sensor`, whatever
     /// its tags: empty when there is none, an error naming the tag sets when there are

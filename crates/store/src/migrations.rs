@@ -32,6 +32,10 @@ pub(crate) const SQLITE: &[Migration] = &[
         version: 4,
         sql: include_str!("../migrations/sqlite/0004_chunks.sql"),
     },
+    Migration {
+        version: 5,
+        sql: include_str!("../migrations/sqlite/0005_hourly_rollups.sql"),
+    },
 ];
 
 /// PostgreSQL migrations, oldest first.
@@ -51,6 +55,10 @@ pub(crate) const POSTGRES: &[Migration] = &[
     Migration {
         version: 4,
         sql: include_str!("../migrations/postgres/0004_partitioned_readings.sql"),
+    },
+    Migration {
+        version: 5,
+        sql: include_str!("../migrations/postgres/0005_hourly_rollups.sql"),
     },
 ];
 

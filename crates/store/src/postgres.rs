@@ -38,8 +38,8 @@ use crate::series::{
     check_records, check_snapshots, tags_from_json, Pending, Plan, Resolved, SeriesCache,
 };
 use crate::{
-    Point, Range, Record, Result, Rollup, SeriesInfo, SeriesKey, Snapshot, Store, StoreError,
-    MAX_SERIES_LISTED,
+    Point, Range, Record, Resolution, Result, Rollup, SeriesInfo, SeriesKey, Snapshot, Store,
+    StoreError, MAX_SERIES_LISTED,
 };
 
 /// Connections kept by the pool.
@@ -472,8 +472,9 @@ async fn write_rows(client: &deadpool_postgres::Client, rows: &[Row<'_>]) -> Res
 }
 
 /// Inserts a batch of readings and folds the ones actually inserted into the rollups, in
-/// one statement (so atomically). A batch may hold several readings of the same
-/// (series, minute): the GROUP BY merges them before the upsert. `last` moves only to a
+/// one statement (so atomically): minutes from the inserted rows, hours from those
+/// minutes. A batch may hold several readings of the same (series, minute): the GROUP BY
+/// merges them before the upsert. `last` moves only to a
 /// strictly newer (ts, seq).
 const WRITE_READINGS: &str = "
 WITH ins AS (
@@ -499,6 +500,32 @@ WITH ins AS (
         (series_id, minute, count, sum, min, max, last, last_ts, last_seq)
     SELECT * FROM agg
     ON CONFLICT (series_id, minute) DO UPDATE SET
+        count = r.count + EXCLUDED.count,
+        sum = r.sum + EXCLUDED.sum,
+        min = LEAST(r.min, EXCLUDED.min),
+        max = GREATEST(r.max, EXCLUDED.max),
+        last = CASE WHEN (EXCLUDED.last_ts, EXCLUDED.last_seq) > (r.last_ts, r.last_seq)
+                    THEN EXCLUDED.last ELSE r.last END,
+        last_ts = CASE WHEN (EXCLUDED.last_ts, EXCLUDED.last_seq) > (r.last_ts, r.last_seq)
+                       THEN EXCLUDED.last_ts ELSE r.last_ts END,
+        last_seq = CASE WHEN (EXCLUDED.last_ts, EXCLUDED.last_seq) > (r.last_ts, r.last_seq)
+                        THEN EXCLUDED.last_seq ELSE r.last_seq END
+), up_h AS (
+    INSERT INTO rollups_1h AS r
+        (series_id, hour, count, sum, min, max, last, last_ts, last_seq)
+    SELECT series_id,
+           date_trunc('hour', minute, 'UTC'),
+           sum(count),
+           sum(sum),
+           min(min),
+           max(max),
+           (array_agg(last ORDER BY last_ts DESC, last_seq DESC))[1],
+           max(last_ts),
+           (array_agg(last_seq ORDER BY last_ts DESC, last_seq DESC))[1]
+    FROM agg
+    GROUP BY 1, 2
+    ORDER BY 1, 2
+    ON CONFLICT (series_id, hour) DO UPDATE SET
         count = r.count + EXCLUDED.count,
         sum = r.sum + EXCLUDED.sum,
         min = LEAST(r.min, EXCLUDED.min),
@@ -738,6 +765,25 @@ WITH doomed AS (
 )
 SELECT count(*), max(series_id) FROM gone";
 
+const PRUNE_HOURS: &str = "
+WITH doomed AS (
+    SELECT r.series_id, r.hour
+    FROM series s
+    CROSS JOIN LATERAL (
+        SELECT series_id, hour FROM rollups_1h
+        WHERE series_id = s.id AND hour < $2
+        LIMIT $3
+    ) r
+    WHERE s.id >= $1
+    ORDER BY s.id
+    LIMIT $3
+), gone AS (
+    DELETE FROM rollups_1h d USING doomed
+    WHERE d.series_id = doomed.series_id AND d.hour = doomed.hour
+    RETURNING d.series_id
+)
+SELECT count(*), max(series_id) FROM gone";
+
 // Needs no cursor: returns `$1` back.
 const PRUNE_SNAPSHOTS: &str = "
 WITH doomed AS (
@@ -884,17 +930,30 @@ impl Store for PgStore {
             .collect()
     }
 
-    async fn series_rollups(&self, key: &SeriesKey<'_>, range: Range) -> Result<Vec<Rollup>> {
+    async fn series_rollups_at(
+        &self,
+        key: &SeriesKey<'_>,
+        range: Range,
+        resolution: Resolution,
+    ) -> Result<Vec<Rollup>> {
         let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(
+        let sql = match resolution {
+            Resolution::Minute => {
                 "SELECT minute, count, sum, min, max, last FROM rollups_1m
                  WHERE series_id = (SELECT id FROM series
                                     WHERE device = $1 AND sensor = $2 AND tags = $5::text::jsonb)
                    AND minute >= $3 AND minute < $4
-                 ORDER BY minute",
-            )
-            .await?;
+                 ORDER BY minute"
+            }
+            Resolution::Hour => {
+                "SELECT hour, count, sum, min, max, last FROM rollups_1h
+                 WHERE series_id = (SELECT id FROM series
+                                    WHERE device = $1 AND sensor = $2 AND tags = $5::text::jsonb)
+                   AND hour >= $3 AND hour < $4
+                 ORDER BY hour"
+            }
+        };
+        let stmt = client.prepare_cached(sql).await?;
         let tags = key.tags_json();
         let rows = client
             .query(
@@ -913,7 +972,7 @@ impl Store for PgStore {
                 let count: i64 = r.try_get(1)?;
                 let sum: f64 = r.try_get(2)?;
                 Ok(Rollup {
-                    minute: r.try_get::<_, PgTimestamp>(0)?.into_timestamp(),
+                    start: r.try_get::<_, PgTimestamp>(0)?.into_timestamp(),
                     count: u64::try_from(count).unwrap_or(0),
                     min: r.try_get(3)?,
                     max: r.try_get(4)?,
@@ -992,6 +1051,10 @@ impl Store for PgStore {
     }
 
     async fn prune(&self, what: crate::Retained, before: Timestamp) -> Result<crate::PruneReport> {
+        // An hour goes once it is wholly before `before`.
+        let hours_before = PgTimestamp::from(Timestamp::from_micros(
+            Resolution::Hour.start_of(before.as_micros()),
+        ));
         let before = PgTimestamp::from(before);
         let mut report = crate::PruneReport::default();
         let mut client = self.client().await?;
@@ -1002,42 +1065,50 @@ impl Store for PgStore {
             .await?
             .try_get(0)?;
         report.chunk(0, start.elapsed());
-        let sql = match what {
+        let walks: Vec<(std::borrow::Cow<'static, str>, PgTimestamp)> = match what {
             crate::Retained::Readings => {
                 self.horizon.advance(Some(horizon.0));
                 match self
                     .drop_old_partitions(&client, before, &mut report)
                     .await?
                 {
-                    Some(partition) => std::borrow::Cow::Owned(prune_readings_sql(&partition)),
+                    Some(partition) => vec![(prune_readings_sql(&partition).into(), before)],
                     None => return Ok(report),
                 }
             }
-            crate::Retained::Rollups => PRUNE_ROLLUPS.into(),
-            crate::Retained::Snapshots => PRUNE_SNAPSHOTS.into(),
+            crate::Retained::Rollups => vec![
+                (PRUNE_ROLLUPS.into(), before),
+                (PRUNE_HOURS.into(), hours_before),
+            ],
+            crate::Retained::Snapshots => vec![(PRUNE_SNAPSHOTS.into(), before)],
         };
-        // Not cached: a readings prune names the day's partition.
-        let stmt = client.prepare(&sql).await?;
         let limit = i64::try_from(crate::PRUNE_CHUNK).unwrap_or(i64::MAX);
-        // One short transaction per chunk.
-        let mut from = i64::MIN;
-        loop {
-            let start = std::time::Instant::now();
-            let tx = client.transaction().await?;
-            // The generic plan walks the keys whatever the bounds (custom plans for the
-            // first bounds were several times slower), and the planner's estimate for a
-            // whole table can pass the JIT threshold: compiling took longer than a chunk.
-            tx.batch_execute("SET LOCAL jit = off; SET LOCAL plan_cache_mode = force_generic_plan")
+        for (sql, before) in walks {
+            // Not cached: a readings prune names the day's partition.
+            let stmt = client.prepare(&sql).await?;
+            // One short transaction per chunk.
+            let mut from = i64::MIN;
+            loop {
+                let start = std::time::Instant::now();
+                let tx = client.transaction().await?;
+                // The generic plan walks the keys whatever the bounds (custom plans for the
+                // first bounds were several times slower), and the planner's estimate for a
+                // whole table can pass the JIT threshold: compiling took longer than a chunk.
+                tx.batch_execute(
+                    "SET LOCAL jit = off; SET LOCAL plan_cache_mode = force_generic_plan",
+                )
                 .await?;
-            let row = tx.query_one(&stmt, &[&from, &before, &limit]).await?;
-            tx.commit().await?;
-            let deleted = u64::try_from(row.try_get::<_, i64>(0)?).unwrap_or(0);
-            report.chunk(deleted, start.elapsed());
-            match row.try_get::<_, Option<i64>>(1)? {
-                Some(last) if deleted >= crate::PRUNE_CHUNK => from = last,
-                _ => return Ok(report),
+                let row = tx.query_one(&stmt, &[&from, &before, &limit]).await?;
+                tx.commit().await?;
+                let deleted = u64::try_from(row.try_get::<_, i64>(0)?).unwrap_or(0);
+                report.chunk(deleted, start.elapsed());
+                match row.try_get::<_, Option<i64>>(1)? {
+                    Some(last) if deleted >= crate::PRUNE_CHUNK => from = last,
+                    _ => break,
+                }
             }
         }
+        Ok(report)
     }
 
     async fn raw_horizon(&self) -> Result<Option<Timestamp>> {

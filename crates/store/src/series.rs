@@ -98,15 +98,6 @@ fn invalid(i: usize, r: &fleetpipe_proto::Reading, why: &str) -> StoreError {
     ))
 }
 
-/// Unix microseconds in a minute.
-pub(crate) const MINUTE: i64 = 60_000_000;
-
-/// Start of the minute `ts` falls in, in Unix microseconds. Callers have checked the range
-/// with [`check_records`], so this cannot overflow.
-pub(crate) fn minute_of(ts: i64) -> i64 {
-    ts - ts.rem_euclid(MINUTE)
-}
-
 /// Serialises tags (already sorted by key, as [`Pending`] and [`Cached`] hold them) as a
 /// JSON object.
 pub(crate) fn tags_to_json(tags: &[(String, String)]) -> String {
@@ -385,19 +376,28 @@ mod tests {
     }
 
     #[test]
-    fn minutes() {
+    fn buckets_start_at_or_before_their_readings() {
+        use crate::Resolution::{Hour, Minute};
         let cases = [
-            (0, 0),
-            (59_999_999, 0),
-            (60_000_000, 60_000_000),
-            (-1, -60_000_000),
-            (1_771_149_659_000_001, 1_771_149_600_000_000),
+            (Minute, 0, 0),
+            (Minute, 59_999_999, 0),
+            (Minute, 60_000_000, 60_000_000),
+            (Minute, -1, -60_000_000),
+            (Minute, 1_771_149_659_000_001, 1_771_149_600_000_000),
+            (Hour, 3_599_999_999, 0),
+            (Hour, -1, -3_600_000_000),
+            (Hour, 1_771_153_199_999_999, 1_771_149_600_000_000),
         ];
-        for (ts, want) in cases {
-            assert_eq!(minute_of(ts), want, "{ts}");
+        for (resolution, ts, want) in cases {
+            assert_eq!(resolution.start_of(ts), want, "{resolution:?} {ts}");
         }
-        assert_eq!(minute_of(MIN_TS_MICROS) % 60_000_000, 0);
-        assert_eq!(minute_of(MAX_TS_MICROS) % 60_000_000, 0);
+        for resolution in [Minute, Hour] {
+            for ts in [MIN_TS_MICROS, MAX_TS_MICROS] {
+                let start = resolution.start_of(ts);
+                assert!(start <= ts && ts - start < resolution.micros());
+                assert_eq!(start % resolution.micros(), 0);
+            }
+        }
     }
 
     #[test]

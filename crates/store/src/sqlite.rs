@@ -30,8 +30,8 @@ use crate::series::{
 
 mod chunked;
 use crate::{
-    Point, Range, Record, Result, Rollup, SeriesInfo, SeriesKey, Snapshot, Store, StoreError,
-    MAX_SERIES_LISTED,
+    Point, Range, Record, Resolution, Result, Rollup, SeriesInfo, SeriesKey, Snapshot, Store,
+    StoreError, MAX_SERIES_LISTED,
 };
 
 /// How long a statement waits for another process's lock before failing with "busy".
@@ -690,25 +690,18 @@ const PRUNE_ROLLUPS: &str = "DELETE FROM rollups_1m WHERE (series_id, minute) IN
          SELECT r.series_id, r.minute FROM series s CROSS JOIN rollups_1m r ON r.series_id = s.id
          WHERE s.id >= ?1 AND r.minute < ?2 ORDER BY s.id LIMIT ?3)
      RETURNING series_id";
+const PRUNE_HOURS: &str = "DELETE FROM rollups_1h WHERE (series_id, hour) IN (
+         SELECT r.series_id, r.hour FROM series s CROSS JOIN rollups_1h r ON r.series_id = s.id
+         WHERE s.id >= ?1 AND r.hour < ?2 ORDER BY s.id LIMIT ?3)
+     RETURNING series_id";
 // Needs no cursor: returns `?1` back.
 const PRUNE_SNAPSHOTS: &str = "DELETE FROM snapshots WHERE (device, ts) IN (
          SELECT device, ts FROM snapshots WHERE ts < ?2 ORDER BY ts LIMIT ?3)
      RETURNING ?1";
 
-/// Deletes one chunk (see [`PRUNE_READINGS`]) in one transaction. Returns how many rows
-/// it deleted and the last series it reached.
-fn prune_chunk(
-    conn: &mut Connection,
-    what: crate::Retained,
-    before: i64,
-    from: i64,
-) -> Result<(u64, i64)> {
-    let sql = match what {
-        // Pruned by day, in `chunked::prune_step`.
-        crate::Retained::Readings => return Ok((0, from)),
-        crate::Retained::Rollups => PRUNE_ROLLUPS,
-        crate::Retained::Snapshots => PRUNE_SNAPSHOTS,
-    };
+/// Deletes one chunk (`sql`: [`PRUNE_ROLLUPS`], [`PRUNE_HOURS`] or [`PRUNE_SNAPSHOTS`])
+/// in one transaction. Returns how many rows it deleted and the last series it reached.
+fn prune_chunk(conn: &mut Connection, sql: &str, before: i64, from: i64) -> Result<(u64, i64)> {
     let limit = i64::try_from(crate::PRUNE_CHUNK).unwrap_or(i64::MAX);
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let (mut deleted, mut last) = (0u64, from);
@@ -846,28 +839,41 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn series_rollups(&self, key: &SeriesKey<'_>, range: Range) -> Result<Vec<Rollup>> {
+    async fn series_rollups_at(
+        &self,
+        key: &SeriesKey<'_>,
+        range: Range,
+        resolution: Resolution,
+    ) -> Result<Vec<Rollup>> {
         let (device, sensor, tags) = (
             key.device.to_string(),
             key.sensor.to_string(),
             key.tags_json(),
         );
         let (from, to) = (range.from.as_micros(), range.to.as_micros());
+        let sql = match resolution {
+            Resolution::Minute => {
+                "SELECT minute, count, sum, min, max, last, last_ts, last_seq FROM rollups_1m
+                 WHERE series_id = ?1 AND minute >= ?2 AND minute < ?3
+                 ORDER BY minute"
+            }
+            Resolution::Hour => {
+                "SELECT hour, count, sum, min, max, last, last_ts, last_seq FROM rollups_1h
+                 WHERE series_id = ?1 AND hour >= ?2 AND hour < ?3
+                 ORDER BY hour"
+            }
+        };
         self.read(move |conn| {
             let tx = conn.unchecked_transaction()?;
             let Some(series) = series_id(&tx, &device, &sensor, &tags)? else {
                 return Ok(Vec::new());
             };
             // The sealed readings' rollups, as stored, oldest first.
-            let mut minutes: Vec<chunked::Agg> = tx
-                .prepare_cached(
-                    "SELECT minute, count, sum, min, max, last, last_ts, last_seq FROM rollups_1m
-                     WHERE series_id = ?1 AND minute >= ?2 AND minute < ?3
-                     ORDER BY minute",
-                )?
+            let mut buckets: Vec<chunked::Agg> = tx
+                .prepare_cached(sql)?
                 .query_map(params![series, from, to], |r| {
                     Ok(chunked::Agg {
-                        minute: r.get(0)?,
+                        start: r.get(0)?,
                         count: r.get(1)?,
                         sum: r.get(2)?,
                         min: r.get(3)?,
@@ -877,26 +883,26 @@ impl Store for SqliteStore {
                     })
                 })?
                 .collect::<rusqlite::Result<_>>()?;
-            // Plus the hot readings of those minutes, not folded in yet (a few minutes at
-            // most: they go into the sorted list by search).
+            // Plus the hot readings of those buckets, not folded in yet (a few seconds'
+            // worth: they go into the sorted list by search).
             let mut hot = Vec::new();
-            let span_end = to.saturating_add(crate::series::MINUTE);
+            let span_end = to.saturating_add(resolution.micros());
             chunked::hot_series_points(&tx, series, from, span_end, &mut hot)?;
             hot.retain(|p| {
-                let m = crate::series::minute_of(p.ts);
-                m >= from && m < to
+                let b = resolution.start_of(p.ts);
+                b >= from && b < to
             });
             hot.sort_unstable_by_key(Pt::key);
-            for a in chunked::by_minute(&hot) {
-                match minutes.binary_search_by_key(&a.minute, |m| m.minute) {
-                    Ok(i) => minutes[i].merge(&a),
-                    Err(i) => minutes.insert(i, a),
+            for a in chunked::by_bucket(&hot, resolution) {
+                match buckets.binary_search_by_key(&a.start, |b| b.start) {
+                    Ok(i) => buckets[i].merge(&a),
+                    Err(i) => buckets.insert(i, a),
                 }
             }
-            Ok(minutes
+            Ok(buckets
                 .into_iter()
                 .map(|a| Rollup {
-                    minute: Timestamp::from_micros(a.minute),
+                    start: Timestamp::from_micros(a.start),
                     count: u64::try_from(a.count).unwrap_or(0),
                     min: a.min,
                     max: a.max,
@@ -1004,22 +1010,34 @@ impl Store for SqliteStore {
             }
         }
         // One short transaction per chunk; the writer lock is released in between, so
-        // the collectors' commits wait for one chunk at most.
-        let mut from = i64::MIN;
-        loop {
-            let (deleted, last, pause) = self
-                .write(move |_, conn| {
-                    let start = std::time::Instant::now();
-                    let (deleted, last) = prune_chunk(conn, what, before, from)?;
-                    Ok((deleted, last, start.elapsed()))
-                })
-                .await?;
-            report.chunk(deleted, pause);
-            if deleted < crate::PRUNE_CHUNK {
-                return Ok(report);
+        // the collectors' commits wait for one chunk at most. An hour goes once it is
+        // wholly before `before`.
+        let walks: &[(&'static str, i64)] = match what {
+            crate::Retained::Readings => &[],
+            crate::Retained::Rollups => &[
+                (PRUNE_ROLLUPS, before),
+                (PRUNE_HOURS, Resolution::Hour.start_of(before)),
+            ],
+            crate::Retained::Snapshots => &[(PRUNE_SNAPSHOTS, before)],
+        };
+        for &(sql, before) in walks {
+            let mut from = i64::MIN;
+            loop {
+                let (deleted, last, pause) = self
+                    .write(move |_, conn| {
+                        let start = std::time::Instant::now();
+                        let (deleted, last) = prune_chunk(conn, sql, before, from)?;
+                        Ok((deleted, last, start.elapsed()))
+                    })
+                    .await?;
+                report.chunk(deleted, pause);
+                if deleted < crate::PRUNE_CHUNK {
+                    break;
+                }
+                from = last;
             }
-            from = last;
         }
+        Ok(report)
     }
 
     async fn compact(&self) -> Result<()> {
@@ -1171,6 +1189,7 @@ mod tests {
                 PRUNE_ROLLUPS,
                 "r USING PRIMARY KEY (series_id=? AND minute<?)",
             ),
+            (PRUNE_HOURS, "r USING PRIMARY KEY (series_id=? AND hour<?)"),
             (
                 PRUNE_SNAPSHOTS,
                 "snapshots USING COVERING INDEX snapshots_ts (ts<?)",

@@ -8,13 +8,16 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use fleetpipe_proto::{Reading, Timestamp};
-use fleetpipe_store::{open, Point, Range, Record, Rollup, SeriesKey, Snapshot, Store, StoreError};
+use fleetpipe_store::{
+    open, Point, Range, Record, Resolution, Rollup, SeriesKey, Snapshot, Store, StoreError,
+};
 use fleetpipe_testkit::PgServer;
 
 /// 2026-02-15T10:00:00Z, on a minute boundary.
 const T0: i64 = 1_771_149_600_000_000;
 const SEC: i64 = 1_000_000;
 const MIN: i64 = 60 * SEC;
+const HOUR: i64 = 60 * MIN;
 
 fn ts(us: i64) -> Timestamp {
     Timestamp::from_micros(us)
@@ -251,6 +254,7 @@ conformance!(
     a_replayed_day_lands_in_order,
     any_interleaving_matches_a_model,
     the_last_instant_is_stored_once_and_readable,
+    pruning_rollups_drops_whole_hours,
 );
 
 async fn round_trip_is_exact(b: &Backend) {
@@ -331,7 +335,7 @@ async fn partial_overlap_counts_only_new(b: &Backend) {
     assert_eq!(
         rollups,
         vec![Rollup {
-            minute: ts(T0),
+            start: ts(T0),
             count: 15,
             min: 0.0,
             max: 14.0,
@@ -457,7 +461,7 @@ async fn rollups_aggregate_new_readings(b: &Backend) {
             .want
             .iter()
             .map(|&(minute, count, min, max, avg, last)| Rollup {
-                minute: ts(T0 + minute),
+                start: ts(T0 + minute),
                 count,
                 min,
                 max,
@@ -468,7 +472,7 @@ async fn rollups_aggregate_new_readings(b: &Backend) {
         assert_eq!(got.len(), want.len(), "{} ({compact}): {got:?}", case.name);
         for (g, w) in got.iter().zip(&want) {
             assert!(
-                g.minute == w.minute
+                g.start == w.start
                     && g.count == w.count
                     && g.min == w.min
                     && g.max == w.max
@@ -490,7 +494,7 @@ async fn rollups_range_is_by_minute_start(b: &Backend) {
     let minutes = |rollups: Vec<Rollup>| -> Vec<i64> {
         rollups
             .iter()
-            .map(|r| (r.minute.as_micros() - T0) / MIN)
+            .map(|r| (r.start.as_micros() - T0) / MIN)
             .collect()
     };
     let cases = [
@@ -857,7 +861,9 @@ async fn a_v1_database_keeps_its_data(b: &Backend) {
          CREATE TABLE schema_migrations (version integer PRIMARY KEY, applied_at {applied_at});
          INSERT INTO schema_migrations (version, applied_at) VALUES (1, {now});
          INSERT INTO series (id, device, sensor, unit, tags) VALUES (7, 'd', 's', 'V', {tags});
-         INSERT INTO readings (series_id, ts, seq, value) VALUES (7, {ts0}, 1, 1.5);"
+         INSERT INTO readings (series_id, ts, seq, value) VALUES (7, {ts0}, 1, 1.5);
+         INSERT INTO rollups_1m (series_id, minute, count, sum, min, max, last, last_ts, last_seq)
+             VALUES (7, {ts0}, 1, 1.5, 1.5, 1.5, 1.5, {ts0}, 1);"
     ))
     .await;
     let store = b.open().await;
@@ -867,6 +873,24 @@ async fn a_v1_database_keeps_its_data(b: &Backend) {
         store.series_history(&key, all_time(), 10).await.unwrap(),
         [point(T0, 1.5, None)]
     );
+    // Its minutes were folded into hours.
+    let one = Rollup {
+        start: ts(T0),
+        count: 1,
+        min: 1.5,
+        max: 1.5,
+        avg: 1.5,
+        last: 1.5,
+    };
+    for resolution in [Resolution::Minute, Resolution::Hour] {
+        assert_eq!(
+            store
+                .series_rollups_at(&key, all_time(), resolution)
+                .await
+                .unwrap(),
+            std::slice::from_ref(&one)
+        );
+    }
     // Its readings still deduplicate, and another tag value is another series now.
     let same = with_tags(rec("d", "s", 1, T0, 1.5), &[("site", "a")]);
     assert_eq!(store.write_readings(&[same]).await.unwrap(), 0);
@@ -1117,7 +1141,7 @@ async fn prune_is_chunked(b: &Backend) {
     assert_eq!(report.deleted, SERIES * 10);
     let rollups = store.rollups("dev-099", "v", all_time()).await.unwrap();
     assert_eq!(rollups.len(), 24);
-    assert_eq!(rollups[0].minute, ts(T0 + 10 * MIN));
+    assert_eq!(rollups[0].start, ts(T0 + 10 * MIN));
 
     // Snapshots: 12 ticks of 1,000 devices, the first 6 pruned.
     for tick in 0..12 {
@@ -1174,7 +1198,7 @@ async fn staged_and_compacted_data_read_as_one(b: &Backend) {
         want[..15]
     );
     let rollup = |count: u64, max: f64| Rollup {
-        minute: ts(T0),
+        start: ts(T0),
         count,
         min: 0.0,
         max,
@@ -1300,14 +1324,15 @@ async fn any_interleaving_matches_a_model(b: &Backend) {
         rng ^= rng << 17;
         rng % n
     };
-    // Every reading that will ever be written: 6 series, 400 readings each, 3 s apart,
-    // a few sharing a timestamp (and told apart by their sequence).
+    // Every reading that will ever be written: 6 series, 400 readings each, 3 s apart in
+    // runs of 100 that start 50 minutes apart (so they span four hours), a few sharing a
+    // timestamp (and told apart by their sequence).
     let mut all: Vec<Record> = Vec::new();
     let mut seq = 0;
     for k in 0..400i64 {
         for s in 0..6 {
             seq += 1;
-            let at = T0 + k * 3 * SEC - if k % 50 == 7 { 3 * SEC } else { 0 };
+            let at = T0 + k * 3 * SEC + k / 100 * 50 * MIN - if k % 50 == 7 { 3 * SEC } else { 0 };
             all.push(rec(
                 &format!("m{s}"),
                 "v",
@@ -1380,34 +1405,87 @@ async fn any_interleaving_matches_a_model(b: &Backend) {
             .map(|p| (p.ts.as_micros(), p.value))
             .collect();
         assert_eq!(got, want, "{device}");
-        // Rollups: count, sum, min and max per minute, and `last` by (ts, seq).
-        let rollups = store.rollups(&device, "v", all_time()).await.unwrap();
-        let mut minutes: BTreeMap<i64, Vec<(i64, u64, f64)>> = BTreeMap::new();
-        for ((_, at, seq), &v) in
-            model.range((device.clone(), i64::MIN, 0)..(device.clone(), i64::MAX, u64::MAX))
-        {
-            minutes
-                .entry(at - at.rem_euclid(MIN))
-                .or_default()
-                .push((*at, *seq, v));
-        }
-        assert_eq!(rollups.len(), minutes.len(), "{device}");
-        for (r, (minute, points)) in rollups.iter().zip(&minutes) {
-            let values: Vec<f64> = points.iter().map(|p| p.2).collect();
-            let last = points.iter().max_by_key(|p| (p.0, p.1)).unwrap().2;
-            assert_eq!(r.minute, ts(*minute));
-            assert_eq!(r.count, points.len() as u64, "{device} {minute}");
-            assert_eq!(r.min, values.iter().cloned().fold(f64::MAX, f64::min));
-            assert_eq!(r.max, values.iter().cloned().fold(f64::MIN, f64::max));
-            assert_eq!(r.last, last);
-            let avg = values.iter().sum::<f64>() / values.len() as f64;
-            assert!(
-                (r.avg - avg).abs() < 1e-9,
-                "{device} {minute}: {} vs {avg}",
-                r.avg
-            );
+        // Rollups: count, sum, min and max per minute and per hour, and `last` by
+        // (ts, seq).
+        for (resolution, width) in [(Resolution::Minute, MIN), (Resolution::Hour, HOUR)] {
+            let key = SeriesKey::new(&device, "v");
+            let rollups = store
+                .series_rollups_at(&key, all_time(), resolution)
+                .await
+                .unwrap();
+            let mut buckets: BTreeMap<i64, Vec<(i64, u64, f64)>> = BTreeMap::new();
+            for ((_, at, seq), &v) in
+                model.range((device.clone(), i64::MIN, 0)..(device.clone(), i64::MAX, u64::MAX))
+            {
+                buckets
+                    .entry(at - at.rem_euclid(width))
+                    .or_default()
+                    .push((*at, *seq, v));
+            }
+            assert_eq!(rollups.len(), buckets.len(), "{device} {resolution:?}");
+            for (r, (start, points)) in rollups.iter().zip(&buckets) {
+                let values: Vec<f64> = points.iter().map(|p| p.2).collect();
+                let last = points.iter().max_by_key(|p| (p.0, p.1)).unwrap().2;
+                assert_eq!(r.start, ts(*start));
+                assert_eq!(r.count, points.len() as u64, "{device} {start}");
+                assert_eq!(r.min, values.iter().cloned().fold(f64::MAX, f64::min));
+                assert_eq!(r.max, values.iter().cloned().fold(f64::MIN, f64::max));
+                assert_eq!(r.last, last);
+                let avg = values.iter().sum::<f64>() / values.len() as f64;
+                assert!(
+                    (r.avg - avg).abs() < 1e-9,
+                    "{device} {start}: {} vs {avg}",
+                    r.avg
+                );
+            }
         }
     }
+}
+
+/// A rollup prune deletes the minutes before the horizon and the hours wholly before it:
+/// the hour it falls in keeps counting its earlier minutes.
+async fn pruning_rollups_drops_whole_hours(b: &Backend) {
+    let store = b.open().await;
+    let at = [50, 70, 89, 130].map(|m| T0 + m * MIN);
+    let batch: Vec<Record> = at
+        .iter()
+        .enumerate()
+        .map(|(k, &at)| rec("d", "s", k as u64 + 1, at, k as f64))
+        .collect();
+    store.write_readings(&batch).await.unwrap();
+    store.compact().await.unwrap();
+    let key = SeriesKey::new("d", "s");
+    let starts = |rollups: Vec<Rollup>| -> Vec<(i64, u64)> {
+        rollups
+            .iter()
+            .map(|r| ((r.start.as_micros() - T0) / MIN, r.count))
+            .collect()
+    };
+    let hours = store
+        .series_rollups_at(&key, all_time(), Resolution::Hour)
+        .await
+        .unwrap();
+    assert_eq!(starts(hours), [(0, 1), (60, 2), (120, 1)]);
+
+    let report = store
+        .prune(fleetpipe_store::Retained::Rollups, ts(T0 + 80 * MIN))
+        .await
+        .unwrap();
+    // Two minutes (50 and 70) and one hour (10:00).
+    assert_eq!(report.deleted, 3);
+    let minutes = store.series_rollups(&key, all_time()).await.unwrap();
+    assert_eq!(starts(minutes), [(89, 1), (130, 1)]);
+    let hours = store
+        .series_rollups_at(&key, all_time(), Resolution::Hour)
+        .await
+        .unwrap();
+    assert_eq!(starts(hours), [(60, 2), (120, 1)]);
+    // A range picks hours by their start.
+    let hours = store
+        .series_rollups_at(&key, range(T0 + 61 * MIN, T0 + 3 * HOUR), Resolution::Hour)
+        .await
+        .unwrap();
+    assert_eq!(starts(hours), [(120, 1)]);
 }
 
 /// The latest instant a store accepts is readable and deduplicated like any other; one

@@ -144,7 +144,13 @@ async fn a_v3_database_keeps_its_readings() {
     let store = db.open().await;
     assert_eq!(
         db.psql("SELECT max(version) FROM schema_migrations").trim(),
-        "4"
+        "5"
+    );
+    // Version 5 folded the minute into its hour.
+    assert_eq!(
+        db.psql("SELECT count || ' ' || last || ' ' || last_seq FROM rollups_1h")
+            .trim(),
+        "2 2.5 2"
     );
     assert_eq!(
         db.partitions(),

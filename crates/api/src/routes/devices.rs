@@ -6,7 +6,7 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::Json;
 use fleetpipe_proto::{is_valid_token, Timestamp};
-use fleetpipe_store::{Point, Range, Rollup, SeriesInfo};
+use fleetpipe_store::{Point, Range, Resolution, Rollup, SeriesInfo};
 
 use crate::error::{ApiError, ErrorBody, UnavailableResponse};
 use crate::index::{ListQuery, SortKey};
@@ -29,6 +29,9 @@ const MAX_OFFSET: u64 = u32::MAX as u64;
 pub const RAW_MAX_RANGE: Duration = Duration::from_secs(6 * 3600);
 /// Most raw points returned; a range holding more is served from rollups.
 pub const RAW_CAP: usize = 10_000;
+/// Ranges longer than this are served in buckets of an hour at least, from the hourly
+/// rollups.
+pub const HOURLY_RANGE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Most rollup buckets returned; longer ranges get wider buckets.
 pub const MAX_BUCKETS: u64 = 10_000;
 /// Longest range a series request may ask for.
@@ -36,6 +39,7 @@ pub const MAX_RANGE: Duration = Duration::from_secs(366 * 24 * 3600);
 /// Default range when `from` is absent: the last hour.
 const DEFAULT_SPAN: Duration = Duration::from_secs(3600);
 const MINUTE_US: i64 = 60_000_000;
+const HOUR_US: i64 = 60 * MINUTE_US;
 
 /// A device id from the path; a malformed one (bad percent-encoding) is just not found.
 fn device_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
@@ -167,7 +171,8 @@ pub async fn one(
 }
 
 /// Where a series is read from: raw readings, or rollups merged into buckets of this many
-/// µs (a multiple of a minute).
+/// µs: a multiple of a minute read from the per-minute rollups, or, for an hour or more, a
+/// multiple of an hour read from the hourly ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Plan {
     Raw,
@@ -187,22 +192,43 @@ pub fn plan(from: Timestamp, to: Timestamp, step: Option<Duration>) -> Plan {
     }
 }
 
-/// Rollup buckets: `step` rounded up to whole minutes, at least one minute, and wide
-/// enough that the range holds at most [`MAX_BUCKETS`].
+/// Rollup buckets: `step` rounded up to whole minutes, at least one minute (an hour for
+/// ranges longer than [`HOURLY_RANGE`]), and wide enough that the range holds at most
+/// [`MAX_BUCKETS`]; a bucket of an hour or more is rounded up to whole hours (it is read
+/// from the hourly rollups: a month is 720 rows rather than 43,200).
 pub fn rollup_plan(from: Timestamp, to: Timestamp, step: Option<Duration>) -> Plan {
     let span = u64::try_from(to.as_micros().saturating_sub(from.as_micros())).unwrap_or(0);
     let minute = MINUTE_US as u64;
-    let round_up = |us: u64| us.div_ceil(minute).max(1).saturating_mul(minute);
-    let from_step = step.map_or(minute, |s| round_up(micros(s) as u64));
-    let from_span = round_up(span.div_ceil(MAX_BUCKETS));
+    let round_up = |us: u64, unit: u64| us.div_ceil(unit).max(1).saturating_mul(unit);
+    let from_step = step.map_or(minute, |s| round_up(micros(s) as u64, minute));
+    let from_span = round_up(span.div_ceil(MAX_BUCKETS), minute);
+    let floor = if span > micros(HOURLY_RANGE) as u64 {
+        HOUR_US as u64
+    } else {
+        minute
+    };
+    let mut bucket = from_step.max(from_span).max(floor);
+    if bucket >= HOUR_US as u64 {
+        bucket = round_up(bucket, HOUR_US as u64);
+    }
     Plan::Rollups {
-        bucket_us: i64::try_from(from_step.max(from_span)).unwrap_or(i64::MAX),
+        bucket_us: i64::try_from(bucket).unwrap_or(i64::MAX),
     }
 }
 
-/// Merges per-minute rollups (oldest first) into buckets aligned to multiples of
-/// `bucket_us` since the epoch: count-weighted average, min of minima, max of maxima, the
-/// last value of the newest minute.
+/// The rollups buckets of `bucket_us` are merged from: hourly when it is a whole number
+/// of hours.
+pub fn resolution(bucket_us: i64) -> Resolution {
+    if bucket_us % HOUR_US == 0 {
+        Resolution::Hour
+    } else {
+        Resolution::Minute
+    }
+}
+
+/// Merges rollups (oldest first; minutes, or hours when `bucket_us` is a number of hours)
+/// into buckets aligned to multiples of `bucket_us` since the epoch: count-weighted
+/// average, min of minima, max of maxima, the last value of the newest rollup.
 pub fn merge_rollups(rollups: &[Rollup], bucket_us: i64) -> Vec<SeriesPoint> {
     struct Bucket {
         start: i64,
@@ -214,7 +240,7 @@ pub fn merge_rollups(rollups: &[Rollup], bucket_us: i64) -> Vec<SeriesPoint> {
     }
     let mut out: Vec<Bucket> = Vec::new();
     for r in rollups {
-        let m = r.minute.as_micros();
+        let m = r.start.as_micros();
         let start = m - m.rem_euclid(bucket_us);
         let weighted = r.avg * r.count as f64;
         match out.last_mut() {
@@ -253,8 +279,8 @@ pub fn merge_rollups(rollups: &[Rollup], bucket_us: i64) -> Vec<SeriesPoint> {
 
 /// The range of rollups a series in buckets of `bucket_us` reads: from the start of the
 /// bucket holding `from` (so its first minutes are not left out) to `to`; a 400 when it
-/// holds more than `max_rows` minutes (one rollup row per minute at most), which bounds the
-/// rows read whatever the store holds.
+/// holds more than `max_rows` rollups (minutes, or hours for buckets of whole hours; one
+/// row per minute or hour at most), which bounds the rows read whatever the store holds.
 pub fn rollup_range(
     from: Timestamp,
     to: Timestamp,
@@ -263,13 +289,18 @@ pub fn rollup_range(
 ) -> Result<Range, ApiError> {
     let start = from.as_micros() - from.as_micros().rem_euclid(bucket_us);
     let span = u64::try_from(to.as_micros().saturating_sub(start)).unwrap_or(0);
-    let rows = span.div_ceil(MINUTE_US as u64);
+    let width = resolution(bucket_us).micros();
+    let rows = span.div_ceil(width as u64);
     if rows > max_rows {
-        let fits = max_rows as f64 / (24.0 * 60.0);
+        let fits = max_rows as f64 * width as f64 / (86_400.0 * 1e6);
+        let what = match resolution(bucket_us) {
+            Resolution::Minute => "per-minute",
+            Resolution::Hour => "hourly",
+        };
         return Err(ApiError::bad(format!(
-            "the range needs {rows} per-minute rollups (from {} to {to}, in buckets of {} s), \
+            "the range needs {rows} {what} rollups (from {} to {to}, in buckets of {} s), \
              more than the {max_rows} one request may read (about {fits:.1} days); ask for a \
-             shorter range or split it",
+             shorter range, a step of an hour or more, or split it",
             Timestamp::from_micros(start),
             bucket_us / 1_000_000,
         )));
@@ -309,17 +340,22 @@ async fn read_history(
     .await
 }
 
-/// Per-minute rollups of one series through the request's query slot; `range` comes from
+/// Rollups of one series through the request's query slot; `range` comes from
 /// [`rollup_range`], which bounds the rows.
 async fn read_rollups(
     st: &AppState,
     slot: &QuerySlot,
     series: &SeriesInfo,
     range: Range,
+    resolution: Resolution,
 ) -> Result<Vec<Rollup>, ApiError> {
     let (store, series) = (st.store.clone(), series.clone());
-    slot.read(async move { store.series_rollups(&series.key(), range).await })
-        .await
+    slot.read(async move {
+        store
+            .series_rollups_at(&series.key(), range, resolution)
+            .await
+    })
+    .await
 }
 
 /// One series a request may mean: known to the store, to the index (the latest state), or
@@ -370,11 +406,13 @@ fn tag_sets<'a>(found: impl ExactSizeIterator<Item = &'a Candidate>) -> String {
     tag = "devices",
     description = "History of one series of one device: a sensor with one tag set. The server \
         picks the source and says which in `source`:\n\n\
-        * `rollup_1m` when `step` is at least 60 s, or the range is longer than 6 h, or the \
-        range holds more than 10,000 raw readings. Per-minute rollups are merged into buckets \
-        of `step` rounded up to whole minutes (at least 1 min, and wide enough for at most \
-        10,000 buckets); `step` in the response is the bucket width in seconds, and each \
-        point has `value` (the average), `min`, `max`, `count` and `last`.\n\
+        * `rollup_1m` or `rollup_1h` when `step` is at least 60 s, or the range is longer \
+        than 6 h, or the range holds more than 10,000 raw readings. Rollups are merged into \
+        buckets of `step` rounded up to whole minutes (at least 1 min, and wide enough for at \
+        most 10,000 buckets); a bucket of an hour or more is rounded up to whole hours and \
+        merged from hourly rollups (`rollup_1h`), a shorter one from per-minute rollups \
+        (`rollup_1m`). `step` in the response is the bucket width in seconds, and each point \
+        has `value` (the average), `min`, `max`, `count` and `last`.\n\
         * `raw` otherwise: every stored reading in the range, oldest first, as `ts` and \
         `value`.\n\n\
         `from` and `to` are RFC 3339 times, `now`, or durations back from now (`-10m`). \
@@ -389,9 +427,9 @@ fn tag_sets<'a>(found: impl ExactSizeIterator<Item = &'a Candidate>) -> String {
         several a 400 listing their tag sets (up to 10) and saying which tag to add. The \
         answer's `tags` are the series'.\n\n\
         **Bounded reads.** A request reads at most 10,001 raw readings, and at most \
-        `api.max_rollup_rows` per-minute rollups (100,000 by default, about 69 days): a rollup \
-        range needing more (the range from `from`, moved back to the start of its bucket, to \
-        `to`, in minutes) is refused with a 400 saying how long a range fits; ask for a \
+        `api.max_rollup_rows` rollups (100,000 by default: about 69 days of minutes, 11 years of \
+        hours): a rollup range needing more (the range from `from`, moved back to the start \
+        of its bucket, to `to`, in minutes or hours) is refused with a 400 saying how long a range fits; ask for a \
         shorter range, or split it. At most `api.max_concurrent_queries` (16) requests read \
         the store at once: one more gets a 503 with `Retry-After: 1`; a request that takes \
         longer than `api.request_timeout` (10 s) gets a 503 with `Retry-After: 5`.",
@@ -565,14 +603,18 @@ pub async fn series(
     }
     if let (Plan::Rollups { bucket_us }, Some(series)) = (plan, stored) {
         let range = rollup_range(from, to, bucket_us, st.limits.max_rollup_rows)?;
-        let rollups = read_rollups(&st, &slot, series, range).await?;
+        let rollups = read_rollups(&st, &slot, series, range, resolution(bucket_us)).await?;
         points = merge_rollups(&rollups, bucket_us);
     }
 
     let (source, step) = match plan {
         Plan::Raw => (SeriesSource::Raw, None),
         Plan::Rollups { bucket_us } => {
-            (SeriesSource::Rollup1m, Some((bucket_us / 1_000_000) as u64))
+            let source = match resolution(bucket_us) {
+                Resolution::Minute => SeriesSource::Rollup1m,
+                Resolution::Hour => SeriesSource::Rollup1h,
+            };
+            (source, Some((bucket_us / 1_000_000) as u64))
         }
     };
     Ok(Json(Series {
@@ -608,8 +650,40 @@ mod tests {
             (10 * MIN, secs(90), Plan::Rollups { bucket_us: 2 * MIN }),
             (6 * HOUR + 1, None, Plan::Rollups { bucket_us: MIN }),
             (24 * HOUR, secs(300), Plan::Rollups { bucket_us: 5 * MIN }),
-            // 30 days in at most 10,000 buckets: 4.32 min, rounded up to 5.
-            (30 * 24 * HOUR, None, Plan::Rollups { bucket_us: 5 * MIN }),
+            // A week in at most 10,000 buckets: 1.008 min, rounded up to 2.
+            (7 * 24 * HOUR, None, Plan::Rollups { bucket_us: 2 * MIN }),
+            (
+                7 * 24 * HOUR,
+                secs(60),
+                Plan::Rollups { bucket_us: 2 * MIN },
+            ),
+            // Longer: hours.
+            (7 * 24 * HOUR + 1, None, Plan::Rollups { bucket_us: HOUR }),
+            (30 * 24 * HOUR, None, Plan::Rollups { bucket_us: HOUR }),
+            (30 * 24 * HOUR, secs(300), Plan::Rollups { bucket_us: HOUR }),
+            // Steps of an hour or more are whole hours.
+            (10 * MIN, secs(3600), Plan::Rollups { bucket_us: HOUR }),
+            (
+                10 * MIN,
+                secs(3601),
+                Plan::Rollups {
+                    bucket_us: 2 * HOUR,
+                },
+            ),
+            (
+                24 * HOUR,
+                secs(5400),
+                Plan::Rollups {
+                    bucket_us: 2 * HOUR,
+                },
+            ),
+            (
+                24 * HOUR,
+                secs(59 * 60),
+                Plan::Rollups {
+                    bucket_us: 59 * MIN,
+                },
+            ),
             (
                 30 * 24 * HOUR,
                 secs(3600),
@@ -623,6 +697,10 @@ mod tests {
                 "span {span} step {step:?}"
             );
         }
+        assert_eq!(resolution(59 * MIN), Resolution::Minute);
+        assert_eq!(resolution(HOUR), Resolution::Hour);
+        assert_eq!(resolution(3 * HOUR), Resolution::Hour);
+        assert_eq!(resolution(90 * MIN), Resolution::Minute);
     }
 
     #[test]
@@ -639,19 +717,30 @@ mod tests {
         );
         assert!(err.to_string().contains("about 1.0 days"), "{err}");
         // The read starts at the bucket holding `from`: wide buckets read more minutes.
-        let r = rollup_range(at(30 * MIN), at(HOUR), HOUR, 60).unwrap();
+        let r = rollup_range(at(45 * MIN), at(HOUR), 30 * MIN, 30).unwrap();
+        assert_eq!(r.from, at(30 * MIN));
+        assert!(rollup_range(at(45 * MIN), at(HOUR), 30 * MIN, 29).is_err());
+        // Hourly buckets count hours.
+        let r = rollup_range(at(30 * MIN), at(HOUR), HOUR, 1).unwrap();
         assert_eq!(r.from, at(0));
-        assert!(rollup_range(at(30 * MIN), at(HOUR), HOUR, 59).is_err());
-        // A year at the default bound does not fit; 69 days do.
+        // A year of minutes at the default bound does not fit; 69 days do; a year of hours
+        // does, the longest range there is.
         let max = fleetpipe_pipeline::config::ApiConfig::default().max_rollup_rows;
         assert!(rollup_range(at(0), at(366 * 24 * HOUR), 53 * MIN, max).is_err());
         assert!(rollup_range(at(0), at(69 * 24 * HOUR), 10 * MIN, max).is_ok());
+        let year = rollup_range(at(0), at(366 * 24 * HOUR), HOUR, 8784).unwrap();
+        assert_eq!(year.from, at(0));
+        let err = rollup_range(at(0), at(366 * 24 * HOUR), HOUR, 8783).unwrap_err();
+        assert!(
+            err.to_string().contains("needs 8784 hourly rollups"),
+            "{err}"
+        );
     }
 
     #[test]
     fn merging_rollups() {
         let r = |minute: i64, count: u64, min: f64, max: f64, avg: f64, last: f64| Rollup {
-            minute: Timestamp::from_micros(T0 + minute * MIN),
+            start: Timestamp::from_micros(T0 + minute * MIN),
             count,
             min,
             max,

@@ -1,7 +1,7 @@
 //! Query latency while the pipeline ingests flat out: one series is seeded with 30 days of
 //! history (a reading a minute, the last hour a reading a second), then, for the whole
-//! pipeline phase, its last hour of raw readings and its 30 days of per-minute rollups are
-//! read through the store, as the API's series endpoint does, four times a second (a few
+//! pipeline phase, its last hour of raw readings and its 30 days of hourly rollups (as the
+//! series endpoint reads ranges longer than a week) are read through the store, as the API's series endpoint does, four times a second (a few
 //! dashboards refreshing: more would measure the queries' own load on the two cores).
 
 use std::sync::Arc;
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use fleetpipe_proto::{Reading, Timestamp};
-use fleetpipe_store::{Range, Record, SeriesKey, Store};
+use fleetpipe_store::{Range, Record, Resolution, SeriesKey, Store};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -117,7 +117,7 @@ pub(super) fn spawn(
                 Err(_) => errors += 1,
             }
             let t = Instant::now();
-            match store.series_rollups(&key, month).await {
+            match store.series_rollups_at(&key, month, Resolution::Hour).await {
                 Ok(rows) => {
                     rollups.push(t.elapsed());
                     rollup_rows = rows.len();

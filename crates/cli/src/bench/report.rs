@@ -247,7 +247,7 @@ pub(super) fn targets(r: &Report) -> Vec<Target> {
         Some(q.raw_1h_ms.p99 <= 20.0 && q.errors == 0),
     );
     add(
-        "30 days of rollups under full ingest, p99",
+        "30 days of hourly rollups under full ingest, p99",
         "≤ 50 ms",
         format!(
             "{:.1} ms ({} rows)",

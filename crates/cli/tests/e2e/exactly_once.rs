@@ -63,13 +63,23 @@ async fn assert_stored_exactly(env: &Env, expected: &[(String, String, f64)]) {
         want.entry((d.clone(), s.clone())).or_default().push(*v);
     }
     let got = stored_values(&*store, want.keys().cloned()).await;
-    let mut rollup_total = 0;
+    let (mut minutes, mut hours) = (0, 0);
     for (key, values) in &want {
         assert_eq!(got.get(key), Some(values), "values of {key:?}");
-        let rollups = store.rollups(&key.0, &key.1, all_time()).await.unwrap();
-        rollup_total += rollups.iter().map(|r| r.count).sum::<u64>();
+        let series = fleetpipe_store::SeriesKey::new(&key.0, &key.1);
+        for (resolution, total) in [
+            (fleetpipe_store::Resolution::Minute, &mut minutes),
+            (fleetpipe_store::Resolution::Hour, &mut hours),
+        ] {
+            let rollups = store
+                .series_rollups_at(&series, all_time(), resolution)
+                .await
+                .unwrap();
+            *total += rollups.iter().map(|r| r.count).sum::<u64>();
+        }
     }
-    assert_eq!(rollup_total, expected.len() as u64, "rollup counts");
+    assert_eq!(minutes, expected.len() as u64, "per-minute rollup counts");
+    assert_eq!(hours, expected.len() as u64, "hourly rollup counts");
 }
 
 fn counters(stdout: &str) -> StatsSnapshot {

@@ -1028,15 +1028,17 @@ async fn million_readings_through_kills_and_outages() {
             bad_series.push((id.clone(), format!("not published: {n} readings")));
         }
     }
-    let rollup_count: u64 = pg
-        .psql(db, "SELECT coalesce(sum(count), 0) FROM rollups_1m")
-        .trim()
-        .parse()
-        .unwrap();
-    if rollup_count != total {
-        problems.push(format!(
-            "rollups count {rollup_count} readings, {total} published"
-        ));
+    for table in ["rollups_1m", "rollups_1h"] {
+        let rollup_count: u64 = pg
+            .psql(db, &format!("SELECT coalesce(sum(count), 0) FROM {table}"))
+            .trim()
+            .parse()
+            .unwrap();
+        if rollup_count != total {
+            problems.push(format!(
+                "{table} count {rollup_count} readings, {total} published"
+            ));
+        }
     }
     events.note(format!(
         "checked {} series in {:.1}s: {} differ",

@@ -34,8 +34,7 @@ use std::collections::{HashMap, HashSet};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use crate::chunk::{self, Pt};
-use crate::series::minute_of;
-use crate::Result;
+use crate::{Resolution, Result};
 
 /// Most readings in a chunk.
 pub(super) const CHUNK_POINTS: usize = 1024;
@@ -456,26 +455,35 @@ pub(super) fn seal(conn: &mut Connection, max_points: u64) -> Result<Sealed> {
 }
 
 // `last` moves only to a strictly newer (ts, seq): merging in an older batch late leaves
-// it alone.
-const UPSERT_ROLLUP: &str = "INSERT INTO rollups_1m AS r
-         (series_id, minute, count, sum, min, max, last, last_ts, last_seq)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-     ON CONFLICT (series_id, minute) DO UPDATE SET
-         count = r.count + excluded.count,
-         sum = r.sum + excluded.sum,
-         min = min(r.min, excluded.min),
-         max = max(r.max, excluded.max),
-         last = CASE WHEN (excluded.last_ts, excluded.last_seq) > (r.last_ts, r.last_seq)
-                     THEN excluded.last ELSE r.last END,
-         last_ts = CASE WHEN (excluded.last_ts, excluded.last_seq) > (r.last_ts, r.last_seq)
-                        THEN excluded.last_ts ELSE r.last_ts END,
-         last_seq = CASE WHEN (excluded.last_ts, excluded.last_seq) > (r.last_ts, r.last_seq)
-                         THEN excluded.last_seq ELSE r.last_seq END";
+// it alone. `{table}`/`{bucket}`: `rollups_1m`/`minute` or `rollups_1h`/`hour`.
+macro_rules! upsert_rollup {
+    ($table:literal, $bucket:literal) => {
+        concat!(
+            "INSERT INTO ", $table, " AS r
+                 (series_id, ", $bucket, ", count, sum, min, max, last, last_ts, last_seq)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+             ON CONFLICT (series_id, ", $bucket, ") DO UPDATE SET
+                 count = r.count + excluded.count,
+                 sum = r.sum + excluded.sum,
+                 min = min(r.min, excluded.min),
+                 max = max(r.max, excluded.max),
+                 last = CASE WHEN (excluded.last_ts, excluded.last_seq) > (r.last_ts, r.last_seq)
+                             THEN excluded.last ELSE r.last END,
+                 last_ts = CASE WHEN (excluded.last_ts, excluded.last_seq) > (r.last_ts, r.last_seq)
+                                THEN excluded.last_ts ELSE r.last_ts END,
+                 last_seq = CASE WHEN (excluded.last_ts, excluded.last_seq) > (r.last_ts, r.last_seq)
+                                 THEN excluded.last_seq ELSE r.last_seq END"
+        )
+    };
+}
+const UPSERT_MINUTE: &str = upsert_rollup!("rollups_1m", "minute");
+const UPSERT_HOUR: &str = upsert_rollup!("rollups_1h", "hour");
 
-/// Aggregate of some readings of one series in one minute.
+/// Aggregate of some readings of one series in one bucket (a minute or an hour).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) struct Agg {
-    pub minute: i64,
+    /// Start of the bucket.
+    pub start: i64,
     pub count: i64,
     pub sum: f64,
     pub min: f64,
@@ -485,9 +493,9 @@ pub(super) struct Agg {
 }
 
 impl Agg {
-    fn first(minute: i64, p: &Pt) -> Agg {
+    fn first(start: i64, p: &Pt) -> Agg {
         Agg {
-            minute,
+            start,
             count: 1,
             sum: p.value,
             min: p.value,
@@ -508,7 +516,7 @@ impl Agg {
         }
     }
 
-    /// Folds in another aggregate of the same minute.
+    /// Folds in another aggregate of the same bucket.
     pub(super) fn merge(&mut self, o: &Agg) {
         self.count += o.count;
         self.sum += o.sum;
@@ -521,33 +529,39 @@ impl Agg {
     }
 }
 
-/// Per-minute aggregates of `points` (sorted by time), oldest first.
-pub(super) fn by_minute(points: &[Pt]) -> Vec<Agg> {
+/// Aggregates of `points` (sorted by time) per bucket of `resolution`, oldest first.
+pub(super) fn by_bucket(points: &[Pt], resolution: Resolution) -> Vec<Agg> {
     let mut out: Vec<Agg> = Vec::new();
     for p in points {
-        let minute = minute_of(p.ts);
+        let start = resolution.start_of(p.ts);
         match out.last_mut() {
-            Some(a) if a.minute == minute => a.add(p),
-            _ => out.push(Agg::first(minute, p)),
+            Some(a) if a.start == start => a.add(p),
+            _ => out.push(Agg::first(start, p)),
         }
     }
     out
 }
 
+/// Folds `points` (sorted by time, none counted yet) into the series' minutes and hours.
 fn fold_rollups(tx: &Connection, series: i64, points: &[Pt]) -> Result<()> {
-    let mut upsert = tx.prepare_cached(UPSERT_ROLLUP)?;
-    for a in by_minute(points) {
-        upsert.execute(params![
-            series,
-            a.minute,
-            a.count,
-            a.sum,
-            a.min,
-            a.max,
-            a.last,
-            a.last_key.0,
-            a.last_key.1
-        ])?;
+    for (resolution, sql) in [
+        (Resolution::Minute, UPSERT_MINUTE),
+        (Resolution::Hour, UPSERT_HOUR),
+    ] {
+        let mut upsert = tx.prepare_cached(sql)?;
+        for a in by_bucket(points, resolution) {
+            upsert.execute(params![
+                series,
+                a.start,
+                a.count,
+                a.sum,
+                a.min,
+                a.max,
+                a.last,
+                a.last_key.0,
+                a.last_key.1
+            ])?;
+        }
     }
     Ok(())
 }
