@@ -36,6 +36,10 @@ pub(crate) const SQLITE: &[Migration] = &[
         version: 5,
         sql: include_str!("../migrations/sqlite/0005_hourly_rollups.sql"),
     },
+    Migration {
+        version: 6,
+        sql: include_str!("../migrations/sqlite/0006_snapshots_by_tick.sql"),
+    },
 ];
 
 /// PostgreSQL migrations, oldest first.

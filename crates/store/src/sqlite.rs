@@ -694,13 +694,16 @@ const PRUNE_HOURS: &str = "DELETE FROM rollups_1h WHERE (series_id, hour) IN (
          SELECT r.series_id, r.hour FROM series s CROSS JOIN rollups_1h r ON r.series_id = s.id
          WHERE s.id >= ?1 AND r.hour < ?2 ORDER BY s.id LIMIT ?3)
      RETURNING series_id";
-// Needs no cursor: returns `?1` back.
-const PRUNE_SNAPSHOTS: &str = "DELETE FROM snapshots WHERE (device, ts) IN (
-         SELECT device, ts FROM snapshots WHERE ts < ?2 ORDER BY ts LIMIT ?3)
+// Need no cursor: return `?1` back.
+const PRUNE_SNAPSHOTS: &str = "DELETE FROM snapshots WHERE (ts, device) IN (
+         SELECT ts, device FROM snapshots WHERE ts < ?2 ORDER BY ts LIMIT ?3)
+     RETURNING ?1";
+const PRUNE_SNAPSHOT_TICKS: &str = "DELETE FROM snapshot_ticks WHERE ts IN (
+         SELECT ts FROM snapshot_ticks WHERE ts < ?2 ORDER BY ts LIMIT ?3)
      RETURNING ?1";
 
-/// Deletes one chunk (`sql`: [`PRUNE_ROLLUPS`], [`PRUNE_HOURS`] or [`PRUNE_SNAPSHOTS`])
-/// in one transaction. Returns how many rows it deleted and the last series it reached.
+/// Deletes one chunk (`sql`: [`PRUNE_ROLLUPS`], [`PRUNE_HOURS`], [`PRUNE_SNAPSHOTS`] or
+/// [`PRUNE_SNAPSHOT_TICKS`]) in one transaction. Returns how many rows it deleted and the last series it reached.
 fn prune_chunk(conn: &mut Connection, sql: &str, before: i64, from: i64) -> Result<(u64, i64)> {
     let limit = i64::try_from(crate::PRUNE_CHUNK).unwrap_or(i64::MAX);
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -763,16 +766,26 @@ impl Store for SqliteStore {
                 .map_err(|e| StoreError::Invalid(format!("snapshot of {:?}: {e}", s.device)))?;
             owned.push((s.device.clone(), s.ts.as_micros(), values));
         }
+        // In key order: a tick's rows are appended to the table's last pages.
+        owned.sort_unstable_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
         self.write(move |_, conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut new = 0u64;
             {
                 let mut insert = tx.prepare_cached(
-                    "INSERT INTO snapshots (device, ts, \"values\") VALUES (?1, ?2, ?3)
+                    "INSERT INTO snapshots (ts, device, \"values\") VALUES (?1, ?2, ?3)
                      ON CONFLICT DO NOTHING",
                 )?;
+                let mut tick = tx.prepare_cached(
+                    "INSERT INTO snapshot_ticks (ts) VALUES (?1) ON CONFLICT DO NOTHING",
+                )?;
+                let mut last_tick = None;
                 for (device, ts, values) in &owned {
-                    new += insert.execute(params![device, ts, values])? as u64;
+                    new += insert.execute(params![ts, device, values])? as u64;
+                    if last_tick != Some(*ts) {
+                        tick.execute([ts])?;
+                        last_tick = Some(*ts);
+                    }
                 }
             }
             tx.commit()?;
@@ -927,14 +940,16 @@ impl Store for SqliteStore {
             limit_param(limit),
         );
         self.read(move |conn| {
-            // Two statements rather than `?1 IS NULL OR device = ?1`, so each gets the
-            // index that fits it.
+            // One device: a seek per tick written in the range (`CROSS JOIN` keeps the
+            // ticks the outer loop); all: the range of the table.
             let rows = match &device {
                 Some(d) => conn
                     .prepare_cached(
-                        "SELECT device, ts, \"values\" FROM snapshots
-                         WHERE device = ?1 AND ts >= ?2 AND ts < ?3
-                         ORDER BY ts, device LIMIT ?4",
+                        "SELECT s.device, s.ts, s.\"values\"
+                         FROM snapshot_ticks t CROSS JOIN snapshots s
+                             ON s.ts = t.ts AND s.device = ?1
+                         WHERE t.ts >= ?2 AND t.ts < ?3
+                         ORDER BY t.ts LIMIT ?4",
                     )?
                     .query_map(params![d, from, to, limit], snapshot_row)?
                     .collect::<rusqlite::Result<Vec<_>>>()?,
@@ -1011,16 +1026,19 @@ impl Store for SqliteStore {
         }
         // One short transaction per chunk; the writer lock is released in between, so
         // the collectors' commits wait for one chunk at most. An hour goes once it is
-        // wholly before `before`.
-        let walks: &[(&'static str, i64)] = match what {
+        // wholly before `before`. The list of ticks is an index: its rows are not counted.
+        let walks: &[(&'static str, i64, bool)] = match what {
             crate::Retained::Readings => &[],
             crate::Retained::Rollups => &[
-                (PRUNE_ROLLUPS, before),
-                (PRUNE_HOURS, Resolution::Hour.start_of(before)),
+                (PRUNE_ROLLUPS, before, true),
+                (PRUNE_HOURS, Resolution::Hour.start_of(before), true),
             ],
-            crate::Retained::Snapshots => &[(PRUNE_SNAPSHOTS, before)],
+            crate::Retained::Snapshots => &[
+                (PRUNE_SNAPSHOTS, before, true),
+                (PRUNE_SNAPSHOT_TICKS, before, false),
+            ],
         };
-        for &(sql, before) in walks {
+        for &(sql, before, counted) in walks {
             let mut from = i64::MIN;
             loop {
                 let (deleted, last, pause) = self
@@ -1030,7 +1048,7 @@ impl Store for SqliteStore {
                         Ok((deleted, last, start.elapsed()))
                     })
                     .await?;
-                report.chunk(deleted, pause);
+                report.chunk(if counted { deleted } else { 0 }, pause);
                 if deleted < crate::PRUNE_CHUNK {
                     break;
                 }
@@ -1181,6 +1199,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn one_device_snapshots_are_a_seek_per_tick() {
+        let store = SqliteStore::open(":memory:").await.unwrap();
+        let conn = store.inner.writer().unwrap();
+        let plan: Vec<String> = conn
+            .prepare(
+                "EXPLAIN QUERY PLAN SELECT s.device, s.ts, s.\"values\"
+                 FROM snapshot_ticks t CROSS JOIN snapshots s
+                     ON s.ts = t.ts AND s.device = ?1
+                 WHERE t.ts >= ?2 AND t.ts < ?3
+                 ORDER BY t.ts LIMIT ?4",
+            )
+            .unwrap()
+            .query_map(params!["d", 0, 10, 10], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(
+            plan,
+            [
+                "SEARCH t USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)",
+                "SEARCH s USING PRIMARY KEY (ts=? AND device=?)"
+            ]
+        );
+    }
+
+    #[tokio::test]
     async fn prune_chunks_walk_the_keys() {
         let store = SqliteStore::open(":memory:").await.unwrap();
         let conn = store.inner.writer().unwrap();
@@ -1190,9 +1234,10 @@ mod tests {
                 "r USING PRIMARY KEY (series_id=? AND minute<?)",
             ),
             (PRUNE_HOURS, "r USING PRIMARY KEY (series_id=? AND hour<?)"),
+            (PRUNE_SNAPSHOTS, "snapshots USING PRIMARY KEY (ts<?)"),
             (
-                PRUNE_SNAPSHOTS,
-                "snapshots USING COVERING INDEX snapshots_ts (ts<?)",
+                PRUNE_SNAPSHOT_TICKS,
+                "snapshot_ticks USING INTEGER PRIMARY KEY (rowid<?)",
             ),
         ];
         for (sql, walk) in cases {

@@ -863,7 +863,8 @@ async fn a_v1_database_keeps_its_data(b: &Backend) {
          INSERT INTO series (id, device, sensor, unit, tags) VALUES (7, 'd', 's', 'V', {tags});
          INSERT INTO readings (series_id, ts, seq, value) VALUES (7, {ts0}, 1, 1.5);
          INSERT INTO rollups_1m (series_id, minute, count, sum, min, max, last, last_ts, last_seq)
-             VALUES (7, {ts0}, 1, 1.5, 1.5, 1.5, 1.5, {ts0}, 1);"
+             VALUES (7, {ts0}, 1, 1.5, 1.5, 1.5, 1.5, {ts0}, 1);
+         INSERT INTO snapshots (device, ts, \"values\") VALUES ('d', {ts0}, '{{\"s\":1.5}}');"
     ))
     .await;
     let store = b.open().await;
@@ -872,6 +873,16 @@ async fn a_v1_database_keeps_its_data(b: &Backend) {
     assert_eq!(
         store.series_history(&key, all_time(), 10).await.unwrap(),
         [point(T0, 1.5, None)]
+    );
+    // Its snapshot is still there, by device and by time.
+    let snapshot = snap("d", T0, &[("s", 1.5)]);
+    assert_eq!(
+        store.snapshots(Some("d"), all_time(), 10).await.unwrap(),
+        [snapshot.clone()]
+    );
+    assert_eq!(
+        store.snapshots(None, all_time(), 10).await.unwrap(),
+        [snapshot]
     );
     // Its minutes were folded into hours.
     let one = Rollup {
@@ -1626,6 +1637,60 @@ async fn measure_write_10k_readings() {
             cold,
             median,
             10_000.0 / median.as_secs_f64()
+        );
+    }
+}
+
+/// Not a test: how long one aggregator tick of 5,000 device snapshots takes to write as
+/// the table fills (`cargo test --release -p fleetpipe-store --test conformance
+/// measure_snapshot_ticks -- --ignored --nocapture`).
+#[tokio::test]
+#[ignore]
+async fn measure_snapshot_ticks() {
+    let mut backends = vec![Backend::sqlite()];
+    backends.extend(Backend::postgres("measure_snap"));
+    let ticks: i64 = std::env::var("TICKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(600);
+    for b in &backends {
+        let store = b.open().await;
+        let mut times = Vec::new();
+        let started = Instant::now();
+        for t in 0..ticks {
+            let rows: Vec<Snapshot> = (0..5_000)
+                .map(|d| {
+                    snap(
+                        &format!("v{d:05}"),
+                        T0 + t * SEC,
+                        &[
+                            ("speed", (d + t) as f64 * 0.5),
+                            ("soc", 80.0 - t as f64 * 0.01),
+                            ("torque", 120.5),
+                            ("lat", 48.1 + d as f64 * 1e-4),
+                            ("lon", 11.5 + t as f64 * 1e-5),
+                        ],
+                    )
+                })
+                .collect();
+            let start = Instant::now();
+            assert_eq!(store.write_snapshots(&rows).await.unwrap(), 5_000);
+            times.push(start.elapsed());
+        }
+        let total = started.elapsed();
+        let first: Duration = times[..10].iter().sum::<Duration>() / 10;
+        let last: Duration = times[times.len() - 10..].iter().sum::<Duration>() / 10;
+        let read = Instant::now();
+        let one = store
+            .snapshots(Some("v04999"), range(T0, T0 + ticks * SEC), 100_000)
+            .await
+            .unwrap();
+        println!(
+            "{}: {ticks} ticks of 5,000 snapshots in {total:?}: first 10 ticks {first:?} each, \
+             last 10 {last:?} each; one device's {} rows read in {:?}",
+            b.kind,
+            one.len(),
+            read.elapsed()
         );
     }
 }
