@@ -878,7 +878,7 @@ async fn a_v1_database_keeps_its_data(b: &Backend) {
     let snapshot = snap("d", T0, &[("s", 1.5)]);
     assert_eq!(
         store.snapshots(Some("d"), all_time(), 10).await.unwrap(),
-        [snapshot.clone()]
+        std::slice::from_ref(&snapshot)
     );
     assert_eq!(
         store.snapshots(None, all_time(), 10).await.unwrap(),
