@@ -4,6 +4,7 @@
 //! * the dead-letter stream `FLEETPIPE_DLQ` on `fleetpipe.dlq.<reason>.<stream seq>`;
 //! * the latest-state KV bucket `fleetpipe_state` (key `<device>.<sensor>`);
 //! * the lease KV bucket `fleetpipe_leases` (the aggregator's single-writer lease);
+//! * the API's token KV bucket `fleetpipe_api_tokens` (hashed bearer tokens);
 //! * the collectors' durable pull consumer, and the stream `FLEETPIPE_ADVISORIES` that
 //!   keeps its max-delivery advisories for the collectors to dead-letter those messages.
 
@@ -53,6 +54,8 @@ pub struct Broker {
     pub telemetry: stream::Stream,
     pub state: kv::Store,
     pub leases: kv::Store,
+    /// The API's bearer tokens (see `fleetpipe_api::auth::tokens`).
+    pub tokens: kv::Store,
     pub consumer: consumer::PullConsumer,
 }
 
@@ -207,6 +210,18 @@ pub async fn ensure(client: &async_nats::Client, config: &Config) -> Result<Brok
         .await
         .context("cannot create or update the lease KV bucket")?;
 
+    let tokens = js
+        .create_or_update_key_value(kv::Config {
+            bucket: names::TOKEN_BUCKET.into(),
+            description: "fleetpipe API tokens: <id> -> name, role, sha256 of the secret".into(),
+            history: 1,
+            storage: stream::StorageType::File,
+            num_replicas: config.stream.replicas,
+            ..Default::default()
+        })
+        .await
+        .context("cannot create or update the API token KV bucket")?;
+
     ensure_advisories(&js, config).await?;
     let consumer = ensure_consumer(&telemetry, consumer_config(config)).await?;
     Ok(Broker {
@@ -214,6 +229,7 @@ pub async fn ensure(client: &async_nats::Client, config: &Config) -> Result<Brok
         telemetry,
         state,
         leases,
+        tokens,
         consumer,
     })
 }

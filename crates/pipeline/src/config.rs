@@ -174,6 +174,66 @@ pub struct ApiConfig {
     /// Most rollup rows (minutes, or hours for buckets of whole hours) one series request
     /// reads; a range needing more is refused with 400 (100,000 minutes: about 69 days).
     pub max_rollup_rows: u64,
+    /// Who may use the API: `tokens` (a bearer token with a role on every route but the
+    /// probes and the dashboard's files), `none`, or `auto` (the default): `none` when `http`
+    /// is a loopback address, `tokens` otherwise. Also `FLEETPIPE_API_AUTH`.
+    pub auth: ApiAuth,
+    /// With `auth = "none"`, listen beyond loopback anyway (e.g. behind a proxy that
+    /// authenticates). Without it, an open API on a non-loopback address is refused.
+    pub allow_unauthenticated_remote: bool,
+    /// Whether `/metrics` needs a token (role `read`) when tokens are required.
+    pub metrics_auth: bool,
+    /// PEM file of the certificate chain to serve HTTPS with; empty: plain HTTP.
+    pub tls_cert: String,
+    /// PEM file of the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub tls_key: String,
+}
+
+/// How the API authenticates requests; see [`ApiConfig::auth`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiAuth {
+    /// `none` on a loopback address, `tokens` on any other.
+    #[default]
+    Auto,
+    /// Every route but the probes and the dashboard's files needs a bearer token.
+    Tokens,
+    /// No authentication.
+    None,
+}
+
+impl std::str::FromStr for ApiAuth {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(ApiAuth::Auto),
+            "tokens" => Ok(ApiAuth::Tokens),
+            "none" => Ok(ApiAuth::None),
+            _ => Err(format!(
+                "{s:?} is not an API auth mode: auto, tokens or none"
+            )),
+        }
+    }
+}
+
+impl ApiConfig {
+    /// Whether requests need a token: `auth`, with `auto` resolved by the address (an
+    /// address that does not parse counts as remote).
+    pub fn tokens_required(&self) -> bool {
+        match self.auth {
+            ApiAuth::Tokens => true,
+            ApiAuth::None => false,
+            ApiAuth::Auto => !self.is_loopback(),
+        }
+    }
+
+    /// Whether `http` is a loopback address.
+    pub fn is_loopback(&self) -> bool {
+        self.http
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback())
+    }
 }
 
 /// Broker object names that are not configurable, so every fleetpipe process agrees.
@@ -186,6 +246,8 @@ pub mod names {
     pub const DLQ_SUBJECT_PREFIX: &str = "fleetpipe.dlq";
     pub const STATE_BUCKET: &str = "fleetpipe_state";
     pub const LEASE_BUCKET: &str = "fleetpipe_leases";
+    /// The API's bearer tokens, hashed: `<token id>` -> name, role, SHA-256 of the secret.
+    pub const TOKEN_BUCKET: &str = "fleetpipe_api_tokens";
     /// Subjects fleetpipe uses for itself; the telemetry capture must not overlap them.
     pub const RESERVED_PREFIX: &str = "fleetpipe.";
 }
@@ -247,6 +309,11 @@ impl Default for ApiConfig {
             request_timeout: default_request_timeout(),
             max_concurrent_queries: default_max_concurrent_queries(),
             max_rollup_rows: default_max_rollup_rows(),
+            auth: ApiAuth::Auto,
+            allow_unauthenticated_remote: false,
+            metrics_auth: true,
+            tls_cert: String::new(),
+            tls_key: String::new(),
         }
     }
 }
@@ -515,6 +582,35 @@ impl Config {
                 "api.max_rollup_rows must be between 1440 (a day of minutes) and 10000000".into(),
             );
         }
+        if self.api.auth == ApiAuth::None
+            && !self.api.is_loopback()
+            && !self.api.allow_unauthenticated_remote
+        {
+            problems.push(format!(
+                "api.auth is \"none\" but api.http {:?} is not a loopback address: anyone who \
+                 reaches it could read everything; use api.auth = \"tokens\", listen on \
+                 127.0.0.1, or set api.allow_unauthenticated_remote = true (behind a proxy that \
+                 authenticates)",
+                self.api.http
+            ));
+        }
+        match (self.api.tls_cert.is_empty(), self.api.tls_key.is_empty()) {
+            (true, true) => {}
+            (false, false) => {
+                for (name, path) in [
+                    ("api.tls_cert", &self.api.tls_cert),
+                    ("api.tls_key", &self.api.tls_key),
+                ] {
+                    if !Path::new(path).is_file() {
+                        problems.push(format!("{name}: file {path:?} does not exist"));
+                    }
+                }
+            }
+            _ => problems.push(
+                "api.tls_cert and api.tls_key go together: set both to serve HTTPS, or neither"
+                    .into(),
+            ),
+        }
         if !self.nats.credentials.is_empty() && !Path::new(&self.nats.credentials).is_file() {
             problems.push(format!(
                 "nats.credentials: file {:?} does not exist",
@@ -658,6 +754,45 @@ mod tests {
         let mut c = Config::default();
         c.subjects.capture = vec!["fleetpipe.>".into()];
         assert_eq!(c.validate().unwrap_err().0.len(), 1);
+    }
+
+    #[test]
+    fn api_auth_defaults_to_tokens_beyond_loopback() {
+        let api = |toml: &str| Config::from_toml(toml).unwrap();
+        let c = api("");
+        assert_eq!(c.api.auth, ApiAuth::Auto);
+        assert!(!c.api.tokens_required(), "loopback: open by default");
+        assert!(c.api.metrics_auth);
+        for http in ["0.0.0.0:8080", "10.0.0.5:80", "[::]:8080"] {
+            let c = api(&format!("[api]\nhttp = \"{http}\""));
+            c.validate().unwrap();
+            assert!(c.api.tokens_required(), "{http}");
+        }
+        assert!(api("[api]\nhttp = \"[::1]:8080\"\n").api.is_loopback());
+        let c = api("[api]\nauth = \"tokens\"");
+        assert!(c.api.tokens_required());
+        // An open API beyond loopback only when forced.
+        let c = api("[api]\nhttp = \"0.0.0.0:8080\"\nauth = \"none\"");
+        let errors = c.validate().unwrap_err().0;
+        assert!(errors[0].contains("not a loopback address"), "{errors:?}");
+        let c = api(
+            "[api]\nhttp = \"0.0.0.0:8080\"\nauth = \"none\"\nallow_unauthenticated_remote = true",
+        );
+        c.validate().unwrap();
+        assert!(!c.api.tokens_required());
+        assert!(Config::from_toml("[api]\nauth = \"maybe\"").is_err());
+        assert_eq!("tokens".parse::<ApiAuth>(), Ok(ApiAuth::Tokens));
+        assert!("open".parse::<ApiAuth>().is_err());
+    }
+
+    #[test]
+    fn api_tls_needs_both_files() {
+        let mut c = Config::default();
+        c.api.tls_cert = "/nonexistent/cert.pem".into();
+        let errors = c.validate().unwrap_err().0;
+        assert!(errors[0].contains("go together"), "{errors:?}");
+        c.api.tls_key = "/nonexistent/key.pem".into();
+        assert_eq!(c.validate().unwrap_err().0.len(), 2);
     }
 
     #[test]
