@@ -46,6 +46,15 @@ pub enum ApiError {
     /// The route exists but not for this method (405).
     #[error("{0}")]
     MethodNotAllowed(String),
+    /// No token, or one that is not valid (401, with `WWW-Authenticate: Bearer`).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A valid token whose role does not grant the route (403).
+    #[error("{0}")]
+    Forbidden(String),
+    /// The request conflicts with what exists (409): a token name already taken.
+    #[error("{0}")]
+    Conflict(String),
     /// The store failed; transient failures are 503, anything else 500, but for a read
     /// naming a sensor with several series, which is the request's fault (400).
     #[error("store: {0}")]
@@ -83,6 +92,9 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             // The series endpoint picks one series itself; should a read still name a
             // sensor with several, the request did not say enough: never a 5xx.
             ApiError::Store(StoreError::Ambiguous(_)) => StatusCode::BAD_REQUEST,
@@ -138,6 +150,12 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
+        if let ApiError::Unauthorized(_) = self {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"fleetpipe\""),
+            );
+        }
         response
     }
 }
@@ -171,6 +189,13 @@ mod tests {
                 "internal error reading the store",
             ),
             (ApiError::Busy("too many".into()), 503, "too many"),
+            (ApiError::Unauthorized("no token".into()), 401, "no token"),
+            (
+                ApiError::Forbidden("needs admin".into()),
+                403,
+                "needs admin",
+            ),
+            (ApiError::Conflict("taken".into()), 409, "taken"),
             (
                 ApiError::TimedOut(Duration::from_secs(10)),
                 503,

@@ -8,18 +8,25 @@
 //! * [`limits`] — what bounds the work of a request: time, store queries in flight, rows;
 //! * [`tags`] — series told apart by their tags: labels (`cpu.usage_idle{cpu=cpu0}`) and
 //!   how a request (or `fleetpipe history`) picks one series;
-//! * [`start`] — everything `fleetpipe serve` and `fleetpipe up` run: the watch, the broker
-//!   poller and the server, stopped together.
+//! * [`auth`] — bearer tokens with roles: the role each route declares in the route table,
+//!   checked before its handler; [`auth::tokens`] stores them hashed in a KV bucket and
+//!   mirrors it;
+//! * [`tls`] — HTTPS from `api.tls_cert` / `api.tls_key`;
+//! * [`start`] — everything `fleetpipe serve` and `fleetpipe up` run: the watches, the
+//!   broker poller and the server, stopped together.
 //!
-//! **Invariants:** the API only reads: it never writes to the store or the broker. No
-//! input makes a handler fail with a 5xx: bad parameters are 400, unknown things 404; a 5xx
-//! means the store or the broker failed, or the server is overloaded (a 503 with
-//! `Retry-After`). Every request but the live stream is bounded in time and in rows read.
+//! **Invariants:** the API never writes to the store; its one write is the token bucket
+//! (the admin routes under `/api/v1/tokens`). Every route declares the role it needs in
+//! [`routes::table`]. No input makes a handler fail with a 5xx: bad parameters are 400,
+//! unknown things 404, missing or bad tokens 401, too small a role 403; a 5xx means the
+//! store or the broker failed, or the server is overloaded (a 503 with `Retry-After`).
+//! Every request but the live stream is bounded in time and in rows read.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::Listener;
 use axum::Router;
 use fleetpipe_pipeline::broker::Broker;
 use fleetpipe_pipeline::{Config, Stats};
@@ -29,6 +36,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub mod auth;
 pub mod broker_gauges;
 pub mod error;
 pub mod index;
@@ -39,7 +47,9 @@ pub mod openapi;
 mod params;
 pub mod routes;
 pub mod tags;
+pub mod tls;
 
+pub use auth::{Access, Auth, Role};
 pub use broker_gauges::BrokerGauges;
 pub use error::ApiError;
 pub use index::Index;
@@ -64,10 +74,13 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Request timeout, store queries in flight, rows per request.
     pub limits: Limits,
+    /// Whether and how requests are authenticated; the tokens.
+    pub auth: Auth,
 }
 
 impl AppState {
-    /// State with the default online window, no NATS connection and no broker figures.
+    /// State with the default online window, no NATS connection, no broker figures and no
+    /// authentication.
     pub fn new(index: Arc<Index>, store: Arc<dyn Store>, stats: Arc<Stats>) -> Self {
         AppState {
             index,
@@ -79,6 +92,7 @@ impl AppState {
             tile_url: "".into(),
             shutdown: CancellationToken::new(),
             limits: Limits::default(),
+            auth: Auth::none(),
         }
     }
 
@@ -98,19 +112,26 @@ impl AppState {
     }
 }
 
-/// The router of every route in [`routes::table`], with JSON 404 and 405 fallbacks. Every
-/// route but the long-lived ones ([`routes::LONG_LIVED`]) answers within
-/// `state.limits.request_timeout` ([`limits::deadline`]).
+/// The router of every route in [`routes::table`], each behind the check of the access it
+/// declares ([`auth::require`]), with JSON 404 and 405 fallbacks. Every route but the
+/// long-lived ones ([`routes::LONG_LIVED`]) answers within `state.limits.request_timeout`
+/// ([`limits::deadline`]).
 pub fn router(state: AppState) -> Router {
     let deadline = axum::middleware::from_fn_with_state(state.limits.clone(), limits::deadline);
     let mut router = Router::new();
-    for (path, handlers) in routes::table() {
-        let handlers = if routes::LONG_LIVED.contains(&path) {
-            handlers
-        } else {
-            handlers.layer(deadline.clone())
+    for route in routes::table() {
+        let guard = auth::Guard {
+            auth: state.auth.clone(),
+            access: route.access,
+            query_token: route.query_token(),
         };
-        router = router.route(path, handlers);
+        let mut handler = route.handler;
+        if !routes::LONG_LIVED.contains(&route.path) {
+            handler = handler.layer(deadline.clone());
+        }
+        // Outermost: a request without the right token does no work at all.
+        let handler = handler.layer(axum::middleware::from_fn_with_state(guard, auth::require));
+        router = router.route(route.path, handler);
     }
     router
         .fallback(routes::not_found)
@@ -118,9 +139,14 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves `state` on `listener` until `state.shutdown` is cancelled, then lets requests in
-/// flight finish (live streams end at once).
-pub async fn serve(listener: TcpListener, state: AppState) -> std::io::Result<()> {
+/// Serves `state` on `listener` (a `TcpListener`, or a [`tls::TlsListener`] for HTTPS)
+/// until `state.shutdown` is cancelled, then lets requests in flight finish (live streams
+/// end at once).
+pub async fn serve<L>(listener: L, state: AppState) -> std::io::Result<()>
+where
+    L: Listener,
+    L::Addr: std::fmt::Debug,
+{
     let shutdown = state.shutdown.clone();
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -138,17 +164,23 @@ pub enum StartError {
         addr: String,
         source: std::io::Error,
     },
+    /// `api.tls_cert` / `api.tls_key` cannot be used.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// The running API of `fleetpipe serve` / `fleetpipe up`.
 pub struct RunningApi {
     addr: SocketAddr,
+    https: bool,
     stop: CancellationToken,
     server: JoinHandle<std::io::Result<()>>,
     background: Vec<JoinHandle<()>>,
 }
 
-/// Binds `config.api.http` and starts the state watch, the broker poller and the server.
+/// Binds `config.api.http` and starts the state and token watches, the broker poller and
+/// the server (HTTPS when `api.tls_cert` is set). Says in the log whether requests need a
+/// token.
 pub async fn start(
     config: &Config,
     client: async_nats::Client,
@@ -156,6 +188,14 @@ pub async fn start(
     store: Arc<dyn Store>,
     stats: Arc<Stats>,
 ) -> Result<RunningApi, StartError> {
+    let tls = if config.api.tls_cert.is_empty() {
+        None
+    } else {
+        Some(tls::server_config(
+            std::path::Path::new(&config.api.tls_cert),
+            std::path::Path::new(&config.api.tls_key),
+        )?)
+    };
     let addr = config.api.http.clone();
     let listener = TcpListener::bind(&addr)
         .await
@@ -170,10 +210,16 @@ pub async fn start(
     let stop = CancellationToken::new();
     let index = Arc::new(Index::new());
     let gauges = Arc::new(BrokerGauges::default());
+    let tokens = Arc::new(auth::TokenSet::new());
     let background = vec![
         tokio::spawn(index::watch(
             broker.state.clone(),
             index.clone(),
+            stop.clone(),
+        )),
+        tokio::spawn(auth::tokens::watch(
+            broker.tokens.clone(),
+            tokens.clone(),
             stop.clone(),
         )),
         tokio::spawn(broker_gauges::poll(
@@ -184,6 +230,25 @@ pub async fn start(
             stop.clone(),
         )),
     ];
+    let auth = Auth {
+        required: config.api.tokens_required(),
+        metrics_auth: config.api.metrics_auth,
+        tokens,
+        bucket: Some(broker.tokens.clone()),
+    };
+    if auth.required {
+        tracing::info!(
+            addr = %local,
+            metrics = if auth.metrics_auth { "token" } else { "open" },
+            "api requires bearer tokens (fleetpipe token add NAME --role read)"
+        );
+    } else if local.ip().is_loopback() {
+        tracing::info!("API is unauthenticated on {local} (loopback only; api.auth = \"tokens\" requires tokens)");
+    } else {
+        tracing::warn!(
+            "API is unauthenticated on {local}, beyond loopback (api.allow_unauthenticated_remote)"
+        );
+    }
     let state = AppState {
         nats: Some(client),
         broker: gauges,
@@ -191,11 +256,23 @@ pub async fn start(
         tile_url: config.api.tile_url.as_str().into(),
         shutdown: stop.clone(),
         limits: Limits::from_config(&config.api),
+        auth,
         ..AppState::new(index, store, stats)
     };
-    let server = tokio::spawn(serve(listener, state));
+    let server = match tls {
+        Some(tls) => {
+            let listener =
+                tls::TlsListener::new(listener, tls).map_err(|source| StartError::Bind {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            tokio::spawn(serve(listener, state))
+        }
+        None => tokio::spawn(serve(listener, state)),
+    };
     Ok(RunningApi {
         addr: local,
+        https: !config.api.tls_cert.is_empty(),
         stop,
         server,
         background,
@@ -231,9 +308,10 @@ impl RunningApi {
         self.addr
     }
 
-    /// `http://ADDR`.
+    /// `http://ADDR`, or `https://ADDR`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Stops accepting, ends live streams, waits up to `deadline` for requests in flight,

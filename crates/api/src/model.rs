@@ -218,6 +218,8 @@ pub struct Readiness {
     pub store: String,
     /// `ready`, or `loading` while the latest state is being replayed.
     pub index: String,
+    /// `ready`, `loading` while the API tokens are being replayed, or `not required`.
+    pub tokens: String,
     /// Why the process is not ready (absent when it is).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,

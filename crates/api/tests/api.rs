@@ -1057,20 +1057,22 @@ async fn openapi_describes_every_route() {
     let documented: BTreeSet<String> = doc["paths"].as_object().unwrap().keys().cloned().collect();
     let routed: BTreeSet<String> = fleetpipe_api::routes::table()
         .into_iter()
-        .map(|(path, _)| path.replace("{*", "{"))
+        .map(|r| r.path.replace("{*", "{"))
         .collect();
     assert_eq!(documented, routed);
-    for (path, item) in doc["paths"].as_object().unwrap() {
-        let get = &item["get"];
-        assert!(get.is_object(), "{path} has no GET");
-        assert!(
-            get["responses"]["200"].is_object(),
-            "{path} lacks a 200 response"
-        );
+    for route in fleetpipe_api::routes::table() {
+        let path = route.path.replace("{*", "{");
+        let method = route.method.as_str().to_lowercase();
+        let op = &doc["paths"][&path][&method];
+        assert!(op.is_object(), "{method} {path} is not documented");
+        let ok = ["200", "201"]
+            .iter()
+            .any(|s| op["responses"][*s].is_object());
+        assert!(ok, "{method} {path} lacks a 2xx response");
         // Every path parameter is declared.
         for segment in path.split('/').filter(|s| s.starts_with('{')) {
             let name = segment.trim_matches(|c| c == '{' || c == '}');
-            let declared = get["parameters"]
+            let declared = op["parameters"]
                 .as_array()
                 .is_some_and(|ps| ps.iter().any(|p| p["name"] == name && p["in"] == "path"));
             assert!(declared, "{path}: parameter {name} is not declared");
@@ -1265,6 +1267,9 @@ async fn dashboard_files() {
         assert_error(&app, missing, StatusCode::NOT_FOUND, "").await;
     }
 }
+
+#[path = "api/auth.rs"]
+mod auth;
 
 #[tokio::test]
 async fn unknown_routes_and_methods() {
@@ -1581,13 +1586,39 @@ mod fuzz {
         "%3Cscript%3E",
     ];
 
-    /// A request target built from the document: a documented path with random path
-    /// parameters, documented query parameters (and sometimes unknown ones) with random
-    /// values; now and then a mangled path.
-    fn target(rng: &mut StdRng, doc: &Value) -> String {
+    /// Bodies worth sending to a route that takes one.
+    const BODIES: &[&str] = &[
+        "",
+        "{}",
+        "[]",
+        "null",
+        "not json",
+        r#"{"name":"fuzz","role":"read"}"#,
+        r#"{"name":"fuzz","role":"admin"}"#,
+        r#"{"name":"fuzz-op","role":"operator"}"#,
+        r#"{"name":"","role":"read"}"#,
+        r#"{"name":"a b","role":"read"}"#,
+        r#"{"name":"x","role":"root"}"#,
+        r#"{"name":"x","role":"read","extra":true}"#,
+        r#"{"name":7,"role":"read"}"#,
+        r#"{"name":"\u0000","role":"read"}"#,
+        r#"{"name":"x""#,
+    ];
+
+    /// A request built from the document: a documented path and one of its methods (now
+    /// and then another), random path parameters, documented query parameters (and
+    /// sometimes unknown ones) with random values, a body for a method that takes one; now
+    /// and then a mangled path.
+    fn target(rng: &mut StdRng, doc: &Value) -> (String, String, Option<&'static str>) {
         let paths: Vec<(&String, &Value)> = doc["paths"].as_object().unwrap().iter().collect();
         let (path, item) = paths[rng.random_range(0..paths.len())];
-        let params: Vec<&Value> = item["get"]["parameters"]
+        let methods: Vec<&String> = item.as_object().unwrap().keys().collect();
+        let method = if rng.random_bool(0.05) {
+            ["put", "patch", "post", "delete"][rng.random_range(0..4)].to_string()
+        } else {
+            methods[rng.random_range(0..methods.len())].clone()
+        };
+        let params: Vec<&Value> = item[&method]["parameters"]
             .as_array()
             .map(|a| a.iter().collect())
             .unwrap_or_default();
@@ -1619,11 +1650,16 @@ mod fuzz {
         if rng.random_bool(0.1) {
             query.push(format!("{}={}", value(rng), value(rng)));
         }
+        if rng.random_bool(0.05) {
+            query.push(format!("access_token={}", value(rng)));
+        }
         if !query.is_empty() {
             out.push('?');
             out.push_str(&query.join("&"));
         }
-        out
+        let body = (method == "post" || method == "put" || method == "patch")
+            .then(|| BODIES[rng.random_range(0..BODIES.len())]);
+        (method.to_uppercase(), out, body)
     }
 
     fn value(rng: &mut StdRng) -> &'static str {
@@ -1632,9 +1668,29 @@ mod fuzz {
 
     /// Sends one request on a fresh connection and returns the status code. Reads only the
     /// status line, so endless live streams are fine.
-    async fn status_of(addr: std::net::SocketAddr, target: &str) -> u16 {
+    async fn status_of(
+        addr: std::net::SocketAddr,
+        method: &str,
+        target: &str,
+        authorization: Option<&str>,
+        body: Option<&str>,
+    ) -> u16 {
         let mut conn = TcpStream::connect(addr).await.unwrap();
-        let req = format!("GET {target} HTTP/1.1\r\nHost: fuzz\r\nConnection: close\r\n\r\n");
+        let auth = authorization.map_or(String::new(), |a| format!("Authorization: {a}\r\n"));
+        let body = body.map_or(String::new(), |b| {
+            format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+                b.len()
+            )
+        });
+        let body = if body.is_empty() {
+            "\r\n".to_string()
+        } else {
+            body
+        };
+        let req = format!(
+            "{method} {target} HTTP/1.1\r\nHost: fuzz\r\n{auth}Connection: close\r\n{body}"
+        );
         conn.write_all(req.as_bytes()).await.unwrap();
         let mut buf = Vec::new();
         let mut chunk = [0u8; 512];
@@ -1650,13 +1706,13 @@ mod fuzz {
             .unwrap_or_else(|| panic!("{target}: bad status line {line:?}"))
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn no_5xx_from_random_requests() {
-        let f = Fixture::new().await;
-        add_telegraf_host(&f.state, f.now).await;
+    /// Runs the fuzz against `state` on a socket, each request with one of
+    /// `authorizations` (an `Authorization` header, or none), and returns how many of each
+    /// status it got. Fails on any 5xx.
+    async fn run(state: AppState, authorizations: &[Option<String>]) -> BTreeMap<u16, usize> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(fleetpipe_api::serve(listener, f.state.clone()));
+        let server = tokio::spawn(fleetpipe_api::serve(listener, state.clone()));
         let doc: Value =
             serde_json::from_str(&fleetpipe_api::openapi::document().to_json().unwrap()).unwrap();
         let seed = std::env::var("FLEETPIPE_FUZZ_SEED")
@@ -1665,15 +1721,24 @@ mod fuzz {
             .unwrap_or(0x5eed_f1ee7);
         println!("fuzz seed {seed} (set FLEETPIPE_FUZZ_SEED to replay)");
         let mut rng = StdRng::seed_from_u64(seed);
-        let targets: Vec<String> = (0..REQUESTS).map(|_| target(&mut rng, &doc)).collect();
+        let requests: Vec<_> = (0..REQUESTS)
+            .map(|_| {
+                let (method, target, body) = target(&mut rng, &doc);
+                let auth = authorizations[rng.random_range(0..authorizations.len())].clone();
+                (method, target, body, auth)
+            })
+            .collect();
         let started = std::time::Instant::now();
         let mut statuses: BTreeMap<u16, usize> = BTreeMap::new();
         let run = async {
-            let mut results = futures::stream::iter(targets.iter())
-                .map(|t| async move { (t, status_of(addr, t).await) })
+            let mut results = futures::stream::iter(requests.iter())
+                .map(|(method, target, body, auth)| async move {
+                    let status = status_of(addr, method, target, auth.as_deref(), *body).await;
+                    (method, target, status)
+                })
                 .buffer_unordered(CONCURRENCY);
-            while let Some((t, status)) = results.next().await {
-                assert!(status < 500, "{t} -> {status}");
+            while let Some((method, t, status)) = results.next().await {
+                assert!(status < 500, "{method} {t} -> {status}");
                 *statuses.entry(status).or_default() += 1;
             }
         };
@@ -1684,6 +1749,29 @@ mod fuzz {
             "{REQUESTS} requests in {:?}: statuses {statuses:?}",
             started.elapsed()
         );
+        state.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the server stops at shutdown")
+            .unwrap()
+            .unwrap();
+        statuses
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_5xx_from_random_requests() {
+        let f = Fixture::new().await;
+        add_telegraf_host(&f.state, f.now).await;
+        // Authentication off, with the token bucket the token routes write to.
+        let t = super::auth::Tokens::new().await;
+        let state = AppState {
+            auth: fleetpipe_api::Auth {
+                bucket: Some(t.bucket.clone()),
+                ..fleetpipe_api::Auth::none()
+            },
+            ..f.state.clone()
+        };
+        let statuses = run(state, &[None]).await;
         // The generator reaches both successes and refusals.
         assert!(
             statuses.get(&200).copied().unwrap_or(0) > 100,
@@ -1693,12 +1781,33 @@ mod fuzz {
             statuses.get(&400).copied().unwrap_or(0) > 100,
             "{statuses:?}"
         );
-        f.state.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(10), server)
-            .await
-            .expect("the server stops at shutdown")
-            .unwrap()
-            .unwrap();
+    }
+
+    /// The same with tokens required, each request carrying no token, a bad one, or a
+    /// token of some role; the token routes write to a real bucket.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_5xx_from_random_requests_with_tokens() {
+        use fleetpipe_api::Role;
+        let f = Fixture::new().await;
+        add_telegraf_host(&f.state, f.now).await;
+        let t = super::auth::Tokens::new().await;
+        let mut authorizations = vec![
+            None,
+            Some("Bearer fpt_0123456789abcdef_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into()),
+            Some("Bearer x".into()),
+            Some("Basic dXNlcjpwYXNz".into()),
+            Some("Bearer".into()),
+        ];
+        for role in Role::ALL {
+            authorizations.push(Some(format!("Bearer {}", t.token(role))));
+        }
+        let statuses = run(t.required(&f.state), &authorizations).await;
+        for (status, at_least) in [(200, 100), (400, 50), (401, 300), (403, 10)] {
+            assert!(
+                statuses.get(&status).copied().unwrap_or(0) > at_least,
+                "{status}: {statuses:?}"
+            );
+        }
     }
 }
 

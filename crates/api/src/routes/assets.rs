@@ -22,6 +22,7 @@ struct Assets;
     get,
     path = "/",
     tag = "dashboard",
+    security(()),
     responses((status = 200, description = "The dashboard.", content_type = "text/html", body = String))
 )]
 pub async fn index(State(st): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
@@ -62,6 +63,7 @@ fn escape_attribute(s: &str) -> String {
     get,
     path = "/assets/{path}",
     tag = "dashboard",
+    security(()),
     params(("path" = String, Path, description = "File path under the dashboard's assets.", example = "app.js")),
     responses(
         (status = 200, description = "The file, with its content type.", body = String),

@@ -23,6 +23,7 @@ const STORE_PING_TIMEOUT: Duration = Duration::from_secs(2);
     get,
     path = "/healthz",
     tag = "operations",
+    security(()),
     responses((status = 200, description = "The process is serving.", body = Health))
 )]
 pub async fn healthz() -> Json<Health> {
@@ -31,11 +32,13 @@ pub async fn healthz() -> Json<Health> {
     })
 }
 
-/// Readiness: NATS connected, the store answering, the latest state loaded.
+/// Readiness: NATS connected, the store answering, the latest state (and the tokens, when
+/// required) loaded.
 #[utoipa::path(
     get,
     path = "/readyz",
     tag = "operations",
+    security(()),
     responses(
         (status = 200, description = "Ready: NATS connected, store answering, state loaded.", body = Readiness),
         (status = 503, description = "Not ready; `error` says why.", body = Readiness),
@@ -76,12 +79,21 @@ pub async fn readyz(State(st): State<AppState>) -> Response {
         problems.push("index: the latest state is still loading".into());
         "loading"
     };
+    let tokens = if !st.auth.required {
+        "not required"
+    } else if st.auth.tokens.is_ready() {
+        "ready"
+    } else {
+        problems.push("tokens: the API tokens are still loading".into());
+        "loading"
+    };
     let ready = problems.is_empty();
     let body = Readiness {
         ready,
         nats: nats.into(),
         store,
         index: index.into(),
+        tokens: tokens.into(),
         error: (!ready).then(|| problems.join("; ")),
     };
     let status = if ready {
@@ -97,6 +109,7 @@ pub async fn readyz(State(st): State<AppState>) -> Response {
     get,
     path = "/metrics",
     tag = "operations",
+    security((), ("bearer" = ["read"])),
     description = "Prometheus metrics in the OpenMetrics text format: the process's ingest \
         counters (`fleetpipe_messages_total`, `fleetpipe_readings_stored_total`, \
         `fleetpipe_dead_letters_total`, `fleetpipe_store_errors_total`, \
