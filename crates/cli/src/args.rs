@@ -106,6 +106,9 @@ pub enum Command {
     DeadLetters(DeadLettersArgs),
     /// Print the effective configuration after files, environment and flags.
     Config(JsonArg),
+    /// Manage the HTTP API's bearer tokens (add, list, revoke).
+    #[command(subcommand)]
+    Token(TokenCommand),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -135,6 +138,8 @@ pub struct UpArgs {
     /// Default: api.http, 127.0.0.1:8080.
     #[arg(long, env = "FLEETPIPE_HTTP", value_name = "ADDR")]
     pub http: Option<String>,
+    #[command(flatten)]
+    pub api: ApiArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -143,6 +148,67 @@ pub struct ServeArgs {
     /// 127.0.0.1:8080.
     #[arg(long, env = "FLEETPIPE_HTTP", value_name = "ADDR")]
     pub http: Option<String>,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// How the HTTP API authenticates and whether it serves HTTPS.
+#[derive(Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// Bearer tokens: `tokens`, `none`, or `auto` (none on a loopback address, tokens
+    /// otherwise). Default: api.auth, auto.
+    #[arg(long, env = "FLEETPIPE_API_AUTH", value_name = "MODE")]
+    pub api_auth: Option<fleetpipe_pipeline::config::ApiAuth>,
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key).
+    #[arg(long, env = "FLEETPIPE_API_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<String>,
+    /// The certificate's PEM private key.
+    #[arg(long, env = "FLEETPIPE_API_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<String>,
+}
+
+impl ApiArgs {
+    /// Puts the options given over the configuration's `api` section.
+    pub fn apply(&self, api: &mut fleetpipe_pipeline::config::ApiConfig) {
+        if let Some(mode) = self.api_auth {
+            api.auth = mode;
+        }
+        if let Some(cert) = &self.tls_cert {
+            api.tls_cert = cert.clone();
+        }
+        if let Some(key) = &self.tls_key {
+            api.tls_key = key.clone();
+        }
+    }
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum TokenCommand {
+    /// Create a token and print it, this once: it is stored only as a hash.
+    Add(TokenAddArgs),
+    /// List the tokens (never their secrets).
+    List(JsonArg),
+    /// Revoke a token by name or id; every API replica refuses it within a second.
+    Revoke(TokenRevokeArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TokenAddArgs {
+    /// What the token is for (unique): letters, digits, '-', '_', '.', '@'.
+    pub name: String,
+    /// read (every read, the live stream), operator (also device configuration and
+    /// alerts) or admin (also devices and tokens).
+    #[arg(long)]
+    pub role: fleetpipe_api::Role,
+    /// Print JSON (with the token) instead of the token alone.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TokenRevokeArgs {
+    /// The token's name or id.
+    pub name_or_id: String,
 }
 
 #[derive(Args, Debug, Clone)]

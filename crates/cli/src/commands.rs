@@ -44,6 +44,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             if let Some(h) = a.http {
                 config.api.http = h;
             }
+            a.api.apply(&mut config.api);
             validate(&config)?;
             serve(config).await
         }
@@ -53,6 +54,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::History(a) => history(config, a).await,
         Command::DeadLetters(a) => dead_letters(config, a).await,
         Command::Bench(a) => crate::bench::run(config, cli.global.store.clone(), a).await,
+        Command::Token(a) => crate::token_cmd::run(config, a).await,
         Command::Config(a) => {
             if a.json {
                 print_json(&config)
@@ -93,7 +95,7 @@ fn load_config(g: &Global) -> Result<Config> {
     Ok(config)
 }
 
-fn validate(config: &Config) -> Result<()> {
+pub(crate) fn validate(config: &Config) -> Result<()> {
     config.validate()?;
     Ok(())
 }
@@ -166,7 +168,7 @@ fn redact(url: &str) -> String {
     }
 }
 
-async fn connect(config: &Config, name: &str) -> Result<(async_nats::Client, Broker)> {
+pub(crate) async fn connect(config: &Config, name: &str) -> Result<(async_nats::Client, Broker)> {
     let client = broker::connect(&nats_url(config), config, name).await?;
     let b = broker::ensure(&client, config).await?;
     Ok((client, b))
@@ -225,6 +227,7 @@ async fn up(mut config: Config, a: UpArgs) -> Result<()> {
     if let Some(h) = &a.http {
         config.api.http = h.clone();
     }
+    a.api.apply(&mut config.api);
     validate(&config)?;
     let payload: PayloadForm = a.sim.payload.parse()?;
 

@@ -4,6 +4,7 @@ mod args;
 mod bench;
 mod commands;
 mod output;
+mod token_cmd;
 
 use std::process::ExitCode;
 
