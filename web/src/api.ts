@@ -1,6 +1,8 @@
 // The HTTP API under /api/v1, typed as the server serves it. URLs are relative to the page so
 // the dashboard also works behind a reverse proxy that mounts fleetpipe under a path.
 
+import { authHeaders, token, unauthorized } from "./auth";
+
 /**
  * The latest reading of one series. A device's `sensors` are keyed by series label: the
  * sensor name for a series without tags (`speed`), `sensor{k=v,…}` for one with tags, whose
@@ -102,9 +104,10 @@ export class ApiError extends Error {
 
 async function get<T>(path: string, signal?: AbortSignal): Promise<T> {
   const res = await fetch(`api/v1/${path}`, {
-    headers: { accept: "application/json" },
+    headers: { accept: "application/json", ...authHeaders() },
     ...(signal ? { signal } : {}),
   });
+  if (res.status === 401) unauthorized();
   if (!res.ok) {
     let message = `${res.status} ${res.statusText}`;
     try {
@@ -161,6 +164,9 @@ export function live(
   const q = new URLSearchParams();
   if (filter.device) q.set("device", filter.device);
   if (filter.sensors?.length) q.set("sensor", filter.sensors.join(","));
+  // EventSource cannot send headers: the live route alone takes the token in its query.
+  const t = token();
+  if (t) q.set("access_token", t);
   let es: EventSource | undefined;
   let retry: ReturnType<typeof setTimeout> | undefined;
   const connect = () => {

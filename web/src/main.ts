@@ -2,6 +2,7 @@
 //   #/             fleet view (fleet.ts)
 //   #/device/<id>  device page (device.ts)
 
+import { setLoginHandler, updateLogout } from "./auth";
 import { deviceView } from "./device";
 import { fleetView } from "./fleet";
 import type { View } from "./shell";
@@ -30,4 +31,6 @@ function decode(s: string): string | undefined {
 }
 
 window.addEventListener("hashchange", route);
+setLoginHandler(route);
+updateLogout();
 route();

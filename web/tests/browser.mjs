@@ -3,13 +3,16 @@
 //
 //   node web/tests/browser.mjs <base-url> <screenshot-dir>
 //
-// Against `fleetpipe up --simulate 200`: the fleet table lists every device (across pages),
-// the map shows positions, a device page's speed chart receives new points live, and the
-// page makes no request off the server. Writes fleet.png and device.png (failure.png when
-// something fails) into <screenshot-dir>; exits non-zero with the reason on failure.
+// Against `fleetpipe up --simulate 200`: with FLEETPIPE_TOKEN set (a server requiring
+// tokens), the page asks for a token, refuses a bad one and signs in with the good one;
+// then the fleet table lists every device (across pages), the map shows positions, a device
+// page's speed chart receives new points live (the live stream authenticated by its query),
+// and the page makes no request off the server; finally "Log out" asks for a token again.
+// Writes login.png, fleet.png and device.png (failure.png when something fails) into
+// <screenshot-dir>; exits non-zero with the reason on failure.
 //
 // Environment: FLEETPIPE_CHROMIUM (default /usr/bin/chromium), FLEETPIPE_EXPECT_DEVICES
-// (default 200).
+// (default 200), FLEETPIPE_TOKEN (a read token; unset for a server without tokens).
 
 import { existsSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -24,6 +27,7 @@ const base = new URL(baseArg);
 const shots = resolve(shotsArg);
 const chromiumPath = process.env.FLEETPIPE_CHROMIUM || "/usr/bin/chromium";
 const expectDevices = Number(process.env.FLEETPIPE_EXPECT_DEVICES || 200);
+const apiToken = process.env.FLEETPIPE_TOKEN || "";
 const SETUP = "run `eval \"$(scripts/setup.sh test)\"` (installs Debian's chromium and runs npm ci in web/)";
 
 if (!existsSync(chromiumPath)) fail(`no Chromium at ${chromiumPath}: ${SETUP}`);
@@ -116,9 +120,27 @@ async function turnPage(testid) {
   return true;
 }
 
+/** Signs in through the dialog the page shows on a 401. */
+async function signIn() {
+  const dialog = page.locator("[data-testid=login]");
+  await dialog.waitFor({ state: "visible", timeout: 15_000 });
+  await page.screenshot({ path: join(shots, "login.png") });
+  await page.fill("[data-testid=token-input]", "fpt_0123456789abcdef_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA");
+  await page.click("[data-testid=login-submit]");
+  await until("the bad token to be refused", 5000, async () =>
+    /not valid/.test((await page.locator("[data-testid=login-error]").textContent()) ?? ""),
+  );
+  await page.fill("[data-testid=token-input]", apiToken);
+  await page.click("[data-testid=login-submit]");
+  await dialog.waitFor({ state: "detached", timeout: 5000 });
+  if (!(await page.locator("[data-testid=logout]").isVisible())) throw new Error("no logout control after signing in");
+  log("signed in with a token (a bad one was refused)");
+}
+
 async function run() {
   // Fleet view: every device in the table, positions on the map.
   await page.goto(new URL("#/", base).href);
+  if (apiToken) await signIn();
   const count = await until(`the table to count ${expectDevices} devices`, 30_000, async () => {
     const n = await intAttr(page, "[data-testid=device-count]", "data-count");
     return n === expectDevices ? n : 0;
@@ -183,6 +205,16 @@ async function run() {
   await page.screenshot({ path: join(shots, "device.png"), fullPage: true });
   log(`screenshots in ${shots}`);
 
+  if (apiToken) {
+    await page.click("[data-testid=logout]");
+    await page.locator("[data-testid=login]").waitFor({ state: "visible", timeout: 10_000 });
+    const kept = await page.evaluate(() => sessionStorage.getItem("fleetpipe-token"));
+    if (kept) throw new Error("the token is still in sessionStorage after logging out");
+    log("logged out: the page asks for a token again");
+  }
+
   if (offsite.length) throw new Error(`requests off the server (blocked): ${[...new Set(offsite)].join(", ")}`);
-  if (pageErrors.length) throw new Error(`errors in the page:\n  ${pageErrors.join("\n  ")}`);
+  // A 401 is how the page learns it needs a token: the browser reports it as a failed load.
+  const errors = pageErrors.filter((e) => !(apiToken && /\b401\b/.test(e)));
+  if (errors.length) throw new Error(`errors in the page:\n  ${errors.join("\n  ")}`);
 }

@@ -1,7 +1,9 @@
 //! The dashboard in a real headless browser: `fleetpipe up --simulate 200` with the HTTP
-//! API, driven by `web/tests/browser.mjs` (playwright-core and Debian's Chromium). The
-//! table lists 200 devices, the map shows positions, a device page's speed chart receives
-//! live points. Screenshots land in `<target>/screenshots/`.
+//! API requiring tokens, driven by `web/tests/browser.mjs` (playwright-core and Debian's
+//! Chromium). The page asks for a token and signs in with one made by `fleetpipe token
+//! add`; the table lists 200 devices, the map shows positions, a device page's speed chart
+//! receives live points; logging out asks again. Screenshots land in
+//! `<target>/screenshots/`.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -73,14 +75,22 @@ fn dashboard_in_headless_chromium() {
     let env = Env::sqlite();
     let port = free_port();
     let http = format!("127.0.0.1:{port}");
-    let mut up = env.spawn(&["up", "--simulate", "200", "--http", &http]);
+    let mut up = env.spawn(&[
+        "up",
+        "--simulate",
+        "200",
+        "--http",
+        &http,
+        "--api-auth",
+        "tokens",
+    ]);
 
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(status) = up.exited() {
             panic!("fleetpipe up exited ({status}) before its HTTP API answered");
         }
-        match http_status(port, "/api/v1/fleet/summary") {
+        match http_status(port, "/readyz") {
             Some(line) if line.contains(" 200 ") => break,
             _ if Instant::now() > deadline => {
                 panic!("the HTTP API at {http} did not answer in 60 s")
@@ -89,6 +99,12 @@ fn dashboard_in_headless_chromium() {
         }
     }
 
+    // Without a token the API refuses; the page will ask for this one.
+    assert!(http_status(port, "/api/v1/fleet/summary").is_some_and(|l| l.contains(" 401 ")));
+    let token = env.run(&["token", "add", "browser", "--role", "read"]);
+    let token = token.trim();
+    assert!(token.starts_with("fpt_"), "{token}");
+
     let shots = screenshot_dir();
     let out = Command::new("node")
         .arg(web.join("tests/browser.mjs"))
@@ -96,6 +112,7 @@ fn dashboard_in_headless_chromium() {
         .arg(&shots)
         .env("FLEETPIPE_CHROMIUM", &chromium)
         .env("FLEETPIPE_EXPECT_DEVICES", "200")
+        .env("FLEETPIPE_TOKEN", token)
         .output()
         .unwrap_or_else(|e| panic!("cannot run node ({e}): install Node.js, then {SETUP}"));
     let stdout = String::from_utf8_lossy(&out.stdout);
