@@ -3,6 +3,7 @@
 //! crate keeps link times down.
 
 mod aggregator;
+mod api_auth;
 mod bad_input;
 mod bench;
 mod browser;

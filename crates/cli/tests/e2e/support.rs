@@ -84,6 +84,20 @@ impl Env {
         Proc(Some(child))
     }
 
+    /// Starts a long-running subcommand logging at `level` into the file `log`; killed when
+    /// the guard drops.
+    pub fn spawn_logged(&self, args: &[&str], level: &str, log: &std::path::Path) -> Proc {
+        let file = std::fs::File::create(log).unwrap();
+        let child = self
+            .cmd(args)
+            .env("FLEETPIPE_LOG", level)
+            .stdout(Stdio::piped())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Proc(Some(child))
+    }
+
     /// Runs a subcommand to completion and returns its stdout; panics on failure.
     pub fn run(&self, args: &[&str]) -> String {
         let out = self.cmd(args).output().unwrap();
