@@ -13,7 +13,7 @@ use fleetpipe_device::simulate::{self, PayloadForm, SimConfig, SimStats};
 use fleetpipe_pipeline::aggregator::Aggregator;
 use fleetpipe_pipeline::broker::{self, Broker};
 use fleetpipe_pipeline::collector::Collector;
-use fleetpipe_pipeline::nats_server::{self, ManagedNats};
+use fleetpipe_pipeline::nats_server::{self, ManagedNats, ManagedOptions};
 use fleetpipe_pipeline::{inspect, Config, Stats, StatsSnapshot};
 use fleetpipe_proto::Timestamp;
 use fleetpipe_store::{Range, Store};
@@ -233,7 +233,12 @@ async fn up(mut config: Config, a: UpArgs) -> Result<()> {
 
     let managed = if config.nats.url.is_empty() {
         let bin = nats_server::find_binary(&config.nats.server_bin)?;
-        let server = ManagedNats::start(&bin, &config.data_dir, config.nats.port).await?;
+        let server = ManagedNats::start(
+            &bin,
+            &config.data_dir,
+            ManagedOptions::loopback(config.nats.port),
+        )
+        .await?;
         tracing::info!(url = %server.url(), data = %config.data_dir.display(), "managed nats-server started");
         config.nats.url = server.url();
         Some(server)

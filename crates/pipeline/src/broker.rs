@@ -13,11 +13,64 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use async_nats::jetstream::{self, consumer, kv, stream};
 
-use crate::config::{names, Config, Retention};
+use crate::config::{names, Config, NatsConfig, Retention};
 
-/// Connects to NATS with reconnect-forever and the credentials the config names.
+/// The authentication, TLS and inbox settings of `nats`, as connect options. Secrets are
+/// read from their files here and go nowhere but into the options.
+pub async fn client_options(nats: &NatsConfig) -> Result<async_nats::ConnectOptions> {
+    let mut options = if !nats.credentials.is_empty() {
+        async_nats::ConnectOptions::with_credentials_file(&nats.credentials)
+            .await
+            .with_context(|| format!("cannot read credentials {}", nats.credentials))?
+    } else {
+        async_nats::ConnectOptions::new()
+    };
+    if !nats.nkey_seed_file.is_empty() {
+        let seed = std::fs::read_to_string(&nats.nkey_seed_file)
+            .with_context(|| format!("cannot read the nkey seed {}", nats.nkey_seed_file))?;
+        let seed = seed.trim();
+        // Checked here so a bad file fails with its name rather than at the handshake.
+        nkeys::KeyPair::from_seed(seed).map_err(|_| {
+            anyhow::anyhow!(
+                "{} does not hold an nkey seed (a line starting with SU)",
+                nats.nkey_seed_file
+            )
+        })?;
+        options = options.nkey(seed.to_string());
+    }
+    if !nats.user.is_empty() {
+        let password = match &nats.password {
+            Some(p) => p.expose().to_string(),
+            None => std::fs::read_to_string(&nats.password_file)
+                .with_context(|| format!("cannot read the password file {}", nats.password_file))?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        };
+        options = options.user_and_password(nats.user.clone(), password);
+    }
+    let tls = &nats.tls;
+    if !tls.ca.is_empty() {
+        options = options.add_root_certificates(tls.ca.clone().into());
+    }
+    if !tls.cert.is_empty() {
+        options = options.add_client_certificate(tls.cert.clone().into(), tls.key.clone().into());
+    }
+    if tls.require {
+        options = options.require_tls(true);
+    }
+    if !nats.inbox_prefix.is_empty() {
+        options = options.custom_inbox_prefix(&nats.inbox_prefix);
+    }
+    Ok(options)
+}
+
+/// Connects to NATS with reconnect-forever and the credentials and TLS settings the config
+/// names (see [`client_options`]).
 pub async fn connect(url: &str, config: &Config, name: &str) -> Result<async_nats::Client> {
-    let mut options = async_nats::ConnectOptions::new()
+    let options = client_options(&config.nats)
+        .await?
         .name(name)
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -26,15 +79,13 @@ pub async fn connect(url: &str, config: &Config, name: &str) -> Result<async_nat
             match event {
                 async_nats::Event::Disconnected => tracing::warn!("nats disconnected"),
                 async_nats::Event::Connected => tracing::info!("nats connected"),
+                // Permission violations among them: a user without a subject it needs.
+                async_nats::Event::ServerError(e) => {
+                    tracing::warn!(error = %e, "nats server error")
+                }
                 other => tracing::debug!(event = %other, "nats event"),
             }
         });
-    if !config.nats.credentials.is_empty() {
-        options = options
-            .credentials_file(&config.nats.credentials)
-            .await
-            .with_context(|| format!("cannot read credentials {}", config.nats.credentials))?;
-    }
     let servers: Vec<&str> = url.split(',').map(str::trim).collect();
     let client = tokio::time::timeout(Duration::from_secs(10), options.connect(servers))
         .await
@@ -232,6 +283,50 @@ pub async fn ensure(client: &async_nats::Client, config: &Config) -> Result<Brok
         tokens,
         consumer,
     })
+}
+
+/// Opens the handles on the objects [`ensure`] made, creating or changing nothing: what a
+/// least-privilege service user can do (stream and consumer info only).
+pub async fn open(client: &async_nats::Client, config: &Config) -> Result<Broker> {
+    let js = jetstream::new(client.clone());
+    let hint = "run `fleetpipe init` (with an admin user) first";
+    let telemetry = js
+        .get_stream(&config.stream.name)
+        .await
+        .with_context(|| format!("cannot open stream {}: {hint}", config.stream.name))?;
+    let state = js
+        .get_key_value(names::STATE_BUCKET)
+        .await
+        .with_context(|| format!("cannot open KV bucket {}: {hint}", names::STATE_BUCKET))?;
+    let leases = js
+        .get_key_value(names::LEASE_BUCKET)
+        .await
+        .with_context(|| format!("cannot open KV bucket {}: {hint}", names::LEASE_BUCKET))?;
+    let consumer = telemetry
+        .get_consumer(&config.collector.durable)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open consumer {}: {e}; {hint}",
+                config.collector.durable
+            )
+        })?;
+    Ok(Broker {
+        js,
+        telemetry,
+        state,
+        leases,
+        consumer,
+    })
+}
+
+/// [`ensure`] when `nats.ensure` is on (the default), else [`open`].
+pub async fn ensure_or_open(client: &async_nats::Client, config: &Config) -> Result<Broker> {
+    if config.nats.ensure {
+        ensure(client, config).await
+    } else {
+        open(client, config).await
+    }
 }
 
 async fn ensure_consumer(

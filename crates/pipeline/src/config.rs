@@ -36,8 +36,63 @@ pub struct NatsConfig {
     pub port: u16,
     /// Path of the `nats-server` binary for the managed server; empty: search `PATH`.
     pub server_bin: String,
-    /// File holding NATS credentials (`.creds`), if the server requires them.
+    /// File holding NATS credentials (`.creds`: a user JWT and its nkey seed), if the
+    /// server requires them. At most one of `credentials`, `nkey_seed_file` and `user`.
     pub credentials: String,
+    /// File holding an nkey seed (`SU…`) to authenticate with.
+    pub nkey_seed_file: String,
+    /// User name for user/password authentication; the password comes from
+    /// `password_file` or the `FLEETPIPE_NATS_PASSWORD` environment variable.
+    pub user: String,
+    /// File holding the password for `user` (its first line).
+    pub password_file: String,
+    /// The password for `user` from the environment (`FLEETPIPE_NATS_PASSWORD`), set by
+    /// the CLI; never in a file, never printed.
+    #[serde(skip)]
+    pub password: Option<Secret>,
+    /// Prefix of this client's reply subjects (`_INBOX_collector`), for users whose
+    /// permissions allow only their own inbox. Empty: the client's default, `_INBOX`.
+    pub inbox_prefix: String,
+    /// Create or update the broker objects at start (`broker::ensure`). Turn it off for a
+    /// least-privilege service user, after `fleetpipe init` with an admin user.
+    pub ensure: bool,
+    pub tls: NatsTlsConfig,
+}
+
+/// TLS towards NATS.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsTlsConfig {
+    /// PEM file of the CA(s) that signed the server's certificate (in addition to the
+    /// system's roots).
+    pub ca: String,
+    /// Client certificate (PEM), for servers that verify clients; with `key`.
+    pub cert: String,
+    /// The client certificate's private key (PEM).
+    pub key: String,
+    /// Refuse to talk to a server without TLS.
+    pub require: bool,
+}
+
+/// A secret held in memory: `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -325,6 +380,13 @@ impl Default for NatsConfig {
             port: default_port(),
             server_bin: String::new(),
             credentials: String::new(),
+            nkey_seed_file: String::new(),
+            user: String::new(),
+            password_file: String::new(),
+            password: None,
+            inbox_prefix: String::new(),
+            ensure: true,
+            tls: NatsTlsConfig::default(),
         }
     }
 }
@@ -611,12 +673,7 @@ impl Config {
                     .into(),
             ),
         }
-        if !self.nats.credentials.is_empty() && !Path::new(&self.nats.credentials).is_file() {
-            problems.push(format!(
-                "nats.credentials: file {:?} does not exist",
-                self.nats.credentials
-            ));
-        }
+        self.nats.check(&mut problems);
         if problems.is_empty() {
             Ok(())
         } else {
@@ -658,6 +715,59 @@ impl Config {
             format!("sqlite://{}", self.data_dir.join("fleetpipe.db").display())
         } else {
             self.store.url.clone()
+        }
+    }
+}
+
+impl NatsConfig {
+    /// Adds every problem with the authentication and TLS settings to `problems`.
+    fn check(&self, problems: &mut Vec<String>) {
+        let files = [
+            ("nats.credentials", &self.credentials),
+            ("nats.nkey_seed_file", &self.nkey_seed_file),
+            ("nats.password_file", &self.password_file),
+            ("nats.tls.ca", &self.tls.ca),
+            ("nats.tls.cert", &self.tls.cert),
+            ("nats.tls.key", &self.tls.key),
+        ];
+        for (name, path) in files {
+            if !path.is_empty() && !Path::new(path).is_file() {
+                problems.push(format!("{name}: file {path:?} does not exist"));
+            }
+        }
+        let methods = [
+            !self.credentials.is_empty(),
+            !self.nkey_seed_file.is_empty(),
+            !self.user.is_empty(),
+        ];
+        if methods.iter().filter(|m| **m).count() > 1 {
+            problems.push(
+                "nats: set only one of credentials, nkey_seed_file and user (with a password)"
+                    .into(),
+            );
+        }
+        let has_password = !self.password_file.is_empty() || self.password.is_some();
+        if !self.user.is_empty() && !has_password {
+            problems.push(
+                "nats.user needs a password: nats.password_file or FLEETPIPE_NATS_PASSWORD".into(),
+            );
+        }
+        if self.user.is_empty() && has_password {
+            problems.push("a NATS password is set but nats.user is not".into());
+        }
+        if self.tls.cert.is_empty() != self.tls.key.is_empty() {
+            problems.push("nats.tls.cert and nats.tls.key go together: set both or neither".into());
+        }
+        if !self.inbox_prefix.is_empty()
+            && !self
+                .inbox_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            problems.push(format!(
+                "nats.inbox_prefix {:?} must be letters, digits, '-' or '_' (no '.', '*', '>')",
+                self.inbox_prefix
+            ));
         }
     }
 }
@@ -793,6 +903,27 @@ mod tests {
         assert!(errors[0].contains("go together"), "{errors:?}");
         c.api.tls_key = "/nonexistent/key.pem".into();
         assert_eq!(c.validate().unwrap_err().0.len(), 2);
+    }
+
+    #[test]
+    fn nats_auth_problems_are_all_reported_and_secrets_hidden() {
+        let mut c = Config::default();
+        c.nats.credentials = "/nonexistent/a.creds".into();
+        c.nats.user = "svc".into();
+        c.nats.tls.cert = "/nonexistent/c.pem".into();
+        c.nats.inbox_prefix = "_INBOX.x".into();
+        let errors = c.validate().unwrap_err().0;
+        assert_eq!(errors.len(), 6, "{errors:?}");
+        let mut c = Config::default();
+        c.nats.user = "svc".into();
+        c.nats.password = Some(Secret::new("hunter2"));
+        c.validate().unwrap();
+        let shown = format!("{c:?} {}", toml::to_string(&c).unwrap());
+        assert!(!shown.contains("hunter2"), "{shown}");
+        let back = Config::from_toml(&toml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back.nats.password, None);
+        let c = Config::from_toml("[nats.tls]\nca = \"ca.pem\"\nrequire = true").unwrap();
+        assert!(c.nats.tls.require);
     }
 
     #[test]

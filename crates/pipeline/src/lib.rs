@@ -8,6 +8,7 @@ pub mod collector;
 pub mod config;
 pub mod inspect;
 pub mod nats_server;
+pub mod security;
 pub mod state;
 pub mod stats;
 

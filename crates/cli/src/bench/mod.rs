@@ -50,7 +50,7 @@ use async_nats::jetstream;
 use fleetpipe_device::simulate::{PayloadForm, SimConfig};
 use fleetpipe_pipeline::broker;
 use fleetpipe_pipeline::config::names;
-use fleetpipe_pipeline::nats_server::{self, ManagedNats};
+use fleetpipe_pipeline::nats_server::{self, ManagedNats, ManagedOptions};
 use fleetpipe_pipeline::Config;
 
 use crate::args::BenchArgs;
@@ -100,7 +100,8 @@ pub async fn run(mut config: Config, store: Option<String>, a: BenchArgs) -> Res
     }
 
     let bin = nats_server::find_binary(&config.nats.server_bin)?;
-    let server = ManagedNats::start(&bin, dir.path(), config.nats.port).await?;
+    let server =
+        ManagedNats::start(&bin, dir.path(), ManagedOptions::loopback(config.nats.port)).await?;
     config.nats.url = server.url();
     let machine = Machine::probe(&bin);
     let bench = Bench {
