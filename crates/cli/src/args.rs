@@ -109,6 +109,10 @@ pub enum Command {
     /// Manage the HTTP API's bearer tokens (add, list, revoke).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Issue, revoke and list device credentials (after `fleetpipe up --secure` made the
+    /// keys under the data directory).
+    #[command(subcommand)]
+    Device(crate::device_cmd::DeviceCommand),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -140,6 +144,20 @@ pub struct UpArgs {
     pub http: Option<String>,
     #[command(flatten)]
     pub api: ApiArgs,
+    /// Run the managed nats-server with JWT authentication and TLS: an operator, accounts,
+    /// a local CA (<data-dir>/tls/ca.pem) and per-service credentials are created under the
+    /// data directory at the first start and reused after; each service connects with its
+    /// own least-privilege user. Devices need credentials: `fleetpipe device add ID`.
+    #[arg(long, env = "FLEETPIPE_SECURE")]
+    pub secure: bool,
+    /// Client address of the managed nats-server (IP:PORT). Anything but loopback requires
+    /// --secure. Default: 127.0.0.1:<--nats-port>.
+    #[arg(long, env = "FLEETPIPE_NATS_LISTEN", value_name = "ADDR")]
+    pub nats_listen: Option<std::net::SocketAddr>,
+    /// With --secure: another name or IP address devices reach the server by, put in its
+    /// certificate next to localhost, 127.0.0.1 and ::1 (repeat for several).
+    #[arg(long = "tls-name", value_name = "NAME", requires = "secure")]
+    pub tls_names: Vec<String>,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -9,11 +9,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use fleetpipe_api::tags::{self, Pick};
-use fleetpipe_device::simulate::{self, PayloadForm, SimConfig, SimStats};
+use fleetpipe_device::simulate::{self, PayloadForm, SimAuth, SimConfig, SimStats};
 use fleetpipe_pipeline::aggregator::Aggregator;
 use fleetpipe_pipeline::broker::{self, Broker};
 use fleetpipe_pipeline::collector::Collector;
 use fleetpipe_pipeline::nats_server::{self, ManagedNats, ManagedOptions};
+use fleetpipe_pipeline::security::{Secure, Service};
 use fleetpipe_pipeline::{inspect, Config, Stats, StatsSnapshot};
 use fleetpipe_proto::Timestamp;
 use fleetpipe_store::{Range, Store};
@@ -24,6 +25,12 @@ use crate::output::{print_json, thousands};
 
 pub async fn run(cli: Cli) -> Result<()> {
     let mut config = load_config(&cli.global)?;
+    if !matches!(
+        cli.command,
+        Command::Up(_) | Command::Bench(_) | Command::Config(_)
+    ) {
+        config = local_admin(config);
+    }
     match cli.command {
         Command::Up(a) => up(config, a).await,
         Command::Collect(a) => {
@@ -55,6 +62,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::DeadLetters(a) => dead_letters(config, a).await,
         Command::Bench(a) => crate::bench::run(config, cli.global.store.clone(), a).await,
         Command::Token(a) => crate::token_cmd::run(config, a).await,
+        Command::Device(d) => crate::device_cmd::run(config, d).await,
         Command::Config(a) => {
             if a.json {
                 print_json(&config)
@@ -92,7 +100,29 @@ fn load_config(g: &Global) -> Result<Config> {
     if let Ok(bin) = std::env::var("FLEETPIPE_NATS_SERVER") {
         config.nats.server_bin = bin;
     }
+    if let Ok(p) = std::env::var("FLEETPIPE_NATS_PASSWORD") {
+        config.nats.password = Some(fleetpipe_pipeline::config::Secret::new(p));
+    }
     Ok(config)
+}
+
+/// Against the managed server of a `fleetpipe up --secure` (no --nats-url or a loopback
+/// one, no credentials configured), commands connect as its admin user.
+fn local_admin(config: Config) -> Config {
+    let n = &config.nats;
+    let configured =
+        !n.credentials.is_empty() || !n.nkey_seed_file.is_empty() || !n.user.is_empty();
+    let local = n.url.is_empty()
+        || ["127.0.0.1", "localhost", "[::1]"]
+            .iter()
+            .any(|h| n.url.contains(&format!("://{h}:")));
+    if !local || configured || !ManagedNats::was_secure(&config.data_dir) {
+        return config;
+    }
+    match Secure::open(&config.data_dir) {
+        Ok(secure) => secure.service_config(&config, Service::Admin),
+        Err(_) => config,
+    }
 }
 
 pub(crate) fn validate(config: &Config) -> Result<()> {
@@ -170,7 +200,7 @@ fn redact(url: &str) -> String {
 
 pub(crate) async fn connect(config: &Config, name: &str) -> Result<(async_nats::Client, Broker)> {
     let client = broker::connect(&nats_url(config), config, name).await?;
-    let b = broker::ensure(&client, config).await?;
+    let b = broker::ensure_or_open(&client, config).await?;
     Ok((client, b))
 }
 
@@ -215,6 +245,12 @@ async fn init(config: Config) -> Result<()> {
 }
 
 async fn up(mut config: Config, a: UpArgs) -> Result<()> {
+    if a.secure && !config.nats.url.is_empty() {
+        bail!(
+            "--secure secures the nats-server that `up` manages; with --nats-url, give the \
+             credentials and TLS settings in the [nats] section of the configuration"
+        );
+    }
     if let Some(w) = a.workers {
         config.collector.workers = w;
     }
@@ -231,21 +267,36 @@ async fn up(mut config: Config, a: UpArgs) -> Result<()> {
     validate(&config)?;
     let payload: PayloadForm = a.sim.payload.parse()?;
 
+    let listen = a.nats_listen.unwrap_or_else(|| {
+        std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, config.nats.port))
+    });
+    let mut secure = None;
     let managed = if config.nats.url.is_empty() {
+        nats_server::check_listen(listen, a.secure)?;
         let bin = nats_server::find_binary(&config.nats.server_bin)?;
-        let server = ManagedNats::start(
-            &bin,
-            &config.data_dir,
-            ManagedOptions::loopback(config.nats.port),
-        )
-        .await?;
-        tracing::info!(url = %server.url(), data = %config.data_dir.display(), "managed nats-server started");
+        if a.secure {
+            let mut names = a.tls_names.clone();
+            if !listen.ip().is_unspecified() && !listen.ip().is_loopback() {
+                names.push(listen.ip().to_string());
+            }
+            secure = Some(Secure::init(&config.data_dir, &config, &names)?);
+        }
+        let options = ManagedOptions {
+            listen,
+            secure: secure.as_ref(),
+        };
+        let server = ManagedNats::start(&bin, &config.data_dir, options).await?;
+        if let Some(s) = &secure {
+            tracing::info!(url = %server.url(), listen = %listen, ca = %s.ca_cert().display(), data = %config.data_dir.display(), "managed nats-server started: JWT authentication and TLS; devices need `fleetpipe device add ID`");
+        } else {
+            tracing::warn!(url = %server.url(), listen = %listen, data = %config.data_dir.display(), "managed nats-server started UNAUTHENTICATED: anyone who reaches {listen} can publish as any device and read everything (loopback only; --secure adds JWT authentication and TLS)");
+        }
         config.nats.url = server.url();
         Some(server)
     } else {
         None
     };
-    let result = run_up(&config, &a, payload).await;
+    let result = run_up(&config, &a, payload, secure.as_ref()).await;
     if let Some(server) = managed {
         server.stop().await;
         tracing::info!("managed nats-server stopped");
@@ -253,8 +304,46 @@ async fn up(mut config: Config, a: UpArgs) -> Result<()> {
     result
 }
 
-async fn run_up(config: &Config, a: &UpArgs, payload: PayloadForm) -> Result<()> {
-    let (client, broker) = connect(config, "fleetpipe-up").await?;
+/// A service's own connection and broker handles in secure mode (its user opens, never
+/// creates); `None` otherwise, when the services share `up`'s connection.
+async fn service_connection(
+    config: &Config,
+    secure: Option<&Secure>,
+    service: Service,
+) -> Result<Option<(async_nats::Client, Broker)>> {
+    let Some(s) = secure else { return Ok(None) };
+    let cfg = s.service_config(config, service);
+    let client = broker::connect(
+        &cfg.nats.url,
+        &cfg,
+        &format!("fleetpipe-{}", service.name()),
+    )
+    .await?;
+    let b = broker::open(&client, &cfg)
+        .await
+        .with_context(|| format!("the {} user cannot open the broker objects", service.name()))?;
+    Ok(Some((client, b)))
+}
+
+async fn run_up(
+    config: &Config,
+    a: &UpArgs,
+    payload: PayloadForm,
+    secure: Option<&Secure>,
+) -> Result<()> {
+    // In secure mode this is the admin user, which creates the broker objects; each service
+    // then connects with its own user.
+    let admin_config = match secure {
+        Some(s) => s.service_config(config, Service::Admin),
+        None => config.clone(),
+    };
+    let (client, broker) = connect(&admin_config, "fleetpipe-up").await?;
+    let api_conn = service_connection(config, secure, Service::Api).await?;
+    let collector_conn = service_connection(config, secure, Service::Collector).await?;
+    let aggregator_conn = service_connection(config, secure, Service::Aggregator).await?;
+    fn pick<'a>(own: &'a Option<(async_nats::Client, Broker)>, shared: &'a Broker) -> &'a Broker {
+        own.as_ref().map_or(shared, |(_, b)| b)
+    }
     let store = open_store(config).await?;
     // The API reads through a handle of its own (a small pool of its own with PostgreSQL),
     // so its queries never wait for the collectors' connections, nor hold them.
@@ -263,8 +352,17 @@ async fn run_up(config: &Config, a: &UpArgs, payload: PayloadForm) -> Result<()>
         .await
         .with_context(|| format!("cannot open the store at {} for the API", redact(&url)))?;
     let stats = Arc::new(Stats::default());
-    let api =
-        fleetpipe_api::start(config, client.clone(), &broker, api_store, stats.clone()).await?;
+    let api_client = api_conn
+        .as_ref()
+        .map_or_else(|| client.clone(), |(c, _)| c.clone());
+    let api = fleetpipe_api::start(
+        config,
+        api_client,
+        pick(&api_conn, &broker),
+        api_store,
+        stats.clone(),
+    )
+    .await?;
     tracing::info!("dashboard on {}", api.url());
     tracing::info!(
         nats = %config.nats.url,
@@ -275,19 +373,21 @@ async fn run_up(config: &Config, a: &UpArgs, payload: PayloadForm) -> Result<()>
     );
 
     let stop_pipeline = CancellationToken::new();
+    let cb = pick(&collector_conn, &broker);
     let collector = Arc::new(Collector::new(
         config,
-        broker.js.clone(),
-        broker.consumer.clone(),
+        cb.js.clone(),
+        cb.consumer.clone(),
         store.clone(),
         stats.clone(),
     )?);
     let collectors = tokio::spawn(collector.run(config.collector.workers, stop_pipeline.clone()));
+    let ab = pick(&aggregator_conn, &broker);
     let aggregator = tokio::spawn(
         Aggregator::new(
             config,
-            broker.state.clone(),
-            broker.leases.clone(),
+            ab.state.clone(),
+            ab.leases.clone(),
             store.clone(),
             stats.clone(),
         )
@@ -303,6 +403,10 @@ async fn run_up(config: &Config, a: &UpArgs, payload: PayloadForm) -> Result<()>
         sim.rate = a.sim.rate;
         sim.duration = a.sim.duration;
         sim.connections = a.sim.connections;
+        sim.auth = match secure {
+            Some(s) => sim_auth(&s.service_config(config, Service::Simulator)),
+            None => sim_auth(config),
+        };
         if let Ok(t) = config.template() {
             sim.template = t;
         }
@@ -353,6 +457,12 @@ async fn run_up(config: &Config, a: &UpArgs, payload: PayloadForm) -> Result<()>
     let _ = tokio::time::timeout(Duration::from_secs(10), aggregator).await;
     api.stop(Duration::from_secs(5)).await;
     progress.abort();
+    for (c, _) in [&api_conn, &collector_conn, &aggregator_conn]
+        .into_iter()
+        .flatten()
+    {
+        flush(c).await;
+    }
     flush(&client).await;
     print_counters(&stats.snapshot());
     Ok(())
@@ -503,6 +613,7 @@ async fn simulate_cmd(config: Config, a: SimulateArgs) -> Result<()> {
     sim.max_messages = a.messages;
     sim.msg_ids = a.msg_ids;
     sim.template = config.template()?;
+    sim.auth = sim_auth(&config);
     let tty = std::io::stderr().is_terminal();
     let quiet = a.json;
     let summary = simulate::run(
@@ -550,6 +661,19 @@ async fn simulate_cmd(config: Config, a: SimulateArgs) -> Result<()> {
         bail!("{} publishes failed", summary.stats.errors);
     }
     Ok(())
+}
+
+/// The simulator's credentials, CA and inbox prefix from `[nats]`.
+fn sim_auth(config: &Config) -> Option<SimAuth> {
+    let n = &config.nats;
+    let path = |s: &str| (!s.is_empty()).then(|| std::path::PathBuf::from(s));
+    let auth = SimAuth {
+        credentials_file: path(&n.credentials),
+        ca_file: path(&n.tls.ca),
+        inbox_prefix: (!n.inbox_prefix.is_empty()).then(|| n.inbox_prefix.clone()),
+    };
+    (auth.credentials_file.is_some() || auth.ca_file.is_some() || auth.inbox_prefix.is_some())
+        .then_some(auth)
 }
 
 async fn state(config: Config, a: StateArgs) -> Result<()> {

@@ -3,6 +3,7 @@
 mod args;
 mod bench;
 mod commands;
+mod device_cmd;
 mod output;
 mod token_cmd;
 

@@ -144,6 +144,13 @@ impl ManagedNats {
         addr
     }
 
+    /// Whether the managed server last started under `data_dir` was in secure mode (its
+    /// configuration names an operator), so local commands know to authenticate.
+    pub fn was_secure(data_dir: &Path) -> bool {
+        std::fs::read_to_string(data_dir.join("nats").join("nats-server.conf"))
+            .is_ok_and(|conf| conf.lines().any(|l| l.starts_with("operator:")))
+    }
+
     /// Whether clients must authenticate and use TLS.
     pub fn is_secure(&self) -> bool {
         self.secure

@@ -154,6 +154,19 @@ pub struct SimConfig {
     /// gate's limit, which the caller raises as the consumer makes progress. For benchmarks
     /// that measure a sustained rate rather than how fast a queue grows.
     pub gate: Option<Arc<PublishGate>>,
+    /// Credentials and TLS for a server that requires them; `None`: connect as is.
+    pub auth: Option<SimAuth>,
+}
+
+/// How the simulator authenticates to a server that requires it.
+#[derive(Debug, Clone, Default)]
+pub struct SimAuth {
+    /// A `.creds` file (user JWT and nkey seed).
+    pub credentials_file: Option<std::path::PathBuf>,
+    /// The CA that signed the server's certificate; TLS is then required.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// The inbox prefix its user may subscribe to (JetStream acks come there).
+    pub inbox_prefix: Option<String>,
 }
 
 /// A limit on the total messages a simulator run may publish, raised from outside (see
@@ -212,6 +225,7 @@ impl SimConfig {
             flat_out: false,
             ticks_per_message: 1,
             gate: None,
+            auth: None,
         }
     }
 
@@ -613,7 +627,26 @@ async fn connect_all(
 }
 
 async fn connect(cfg: &SimConfig) -> Result<jetstream::Context, SimError> {
-    let client = async_nats::ConnectOptions::new()
+    let mut options = async_nats::ConnectOptions::new();
+    if let Some(auth) = &cfg.auth {
+        if let Some(creds) = &auth.credentials_file {
+            options = async_nats::ConnectOptions::with_credentials_file(creds)
+                .await
+                .map_err(|e| {
+                    SimError::Config(vec![format!(
+                        "cannot read credentials {}: {e}",
+                        creds.display()
+                    )])
+                })?;
+        }
+        if let Some(ca) = &auth.ca_file {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let Some(prefix) = &auth.inbox_prefix {
+            options = options.custom_inbox_prefix(prefix);
+        }
+    }
+    let client = options
         .name(CONNECTION_NAME)
         .max_reconnects(None)
         .reconnect_delay_callback(reconnect_delay)

@@ -384,9 +384,13 @@ impl Secure {
                 .find(|d| d.revoked.is_none())
             {
                 return Err(SecurityError::Refused(format!(
-                    "device {} already has credentials (key {}, issued at {}); \
+                    "device {} already has credentials (key {}, issued {}); \
                      `fleetpipe device add {} --force` issues new ones and revokes the old key",
-                    d.id, d.public_key, d.issued, d.id
+                    d.id,
+                    d.public_key,
+                    fleetpipe_proto::Timestamp::from_micros(d.issued.saturating_mul(1_000_000))
+                        .to_rfc3339(),
+                    d.id
                 )));
             }
         }
