@@ -54,6 +54,11 @@ if ! "$python" -c 'import nats' >/dev/null 2>&1; then
   say "installing nats-py (pip install nats-py)"
   pip_install nats-py
 fi
+# nats-py signs the server's nonce with a .creds file's seed through the nkeys package.
+if ! "$python" -c 'import nkeys' >/dev/null 2>&1; then
+  say "installing nkeys for nats-py (pip install nkeys)"
+  pip_install nkeys
+fi
 
 # web/node_modules, when missing or older than web/package-lock.json (npm ci writes
 # node_modules/.package-lock.json).

@@ -11,5 +11,6 @@ mod clients;
 mod exactly_once;
 mod fault;
 mod hardening;
+mod secure;
 mod serve;
 mod support;

@@ -1,0 +1,242 @@
+//! `fleetpipe up --secure` with other clients: the official C client (core publishes, the
+//! reference design's format) and nats-py (JetStream publishes with acks on the device's
+//! own inbox prefix) connect with a `.creds` file from `fleetpipe device add` and the
+//! local CA, over TLS, and their readings land; each of up's services runs as its own
+//! least-privilege user (a permission violation would stop them storing anything).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `fleetpipe up`, stopped with SIGTERM (never SIGKILL, which would leave its managed
+/// nats-server behind) when dropped, even by a failing assertion.
+struct Up(std::process::Child);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const C_PUBLISHER: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <nats/nats.h>
+
+int main(int argc, char **argv) {
+    natsConnection *conn = NULL;
+    natsOptions *opts = NULL;
+    if (natsOptions_Create(&opts) != NATS_OK) return 1;
+    if (natsOptions_SetURL(opts, argv[1]) != NATS_OK) return 1;
+    if (natsOptions_SetUserCredentialsFromFiles(opts, argv[2], NULL) != NATS_OK) return 1;
+    if (natsOptions_LoadCATrustedCertificates(opts, argv[3]) != NATS_OK) return 1;
+    if (natsOptions_SetSecure(opts, true) != NATS_OK) return 1;
+    natsStatus s = natsConnection_Connect(&conn, opts);
+    if (s != NATS_OK) { fprintf(stderr, "connect: %s\n", natsStatus_GetText(s)); return 2; }
+    char value[32];
+    for (int i = 0; i < 20; i++) {
+        snprintf(value, sizeof value, "%d", i + atoi(argv[4]));
+        if (natsConnection_PublishString(conn, "vehicle.car-c.speed", value) != NATS_OK) return 3;
+    }
+    if (natsConnection_FlushTimeout(conn, 5000) != NATS_OK) return 4;
+    natsConnection_Destroy(conn);
+    natsOptions_Destroy(opts);
+    return 0;
+}
+"#;
+
+const PY_PUBLISHER: &str = r#"
+import asyncio, ssl, sys
+import nats
+
+async def main():
+    url, creds, ca, device = sys.argv[1:5]
+    tls = ssl.create_default_context(cafile=ca)
+    nc = await nats.connect(url, user_credentials=creds, tls=tls, inbox_prefix=f"_INBOX_{device}")
+    js = nc.jetstream()
+    for i in range(20):
+        ack = await js.publish(f"vehicle.{device}.speed", str(100 + i).encode())
+        assert ack.stream == "FLEETPIPE_TELEMETRY", ack
+    await nc.close()
+
+asyncio.run(main())
+"#;
+
+fn skip(var: &str, what: &str) -> bool {
+    let skip =
+        std::env::var(var).as_deref() == Ok("1") && std::env::var("CI").as_deref() != Ok("true");
+    if skip {
+        eprintln!("skipping: {var}=1 ({what})");
+    }
+    skip
+}
+
+fn fleetpipe(data: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fleetpipe"));
+    c.arg("--data-dir")
+        .arg(data)
+        .args(args)
+        .env("FLEETPIPE_LOG", "warn")
+        .env_remove("FLEETPIPE_CONFIG")
+        .env_remove("FLEETPIPE_NATS_URL");
+    c
+}
+
+fn run(data: &Path, args: &[&str]) -> std::process::Output {
+    fleetpipe(data, args).output().unwrap()
+}
+
+/// The latest value of `device`'s speed, through the admin user.
+fn speed(data: &Path, url: &str, device: &str) -> Option<f64> {
+    let out = run(data, &["--nats-url", url, "state", device, "--json"]);
+    let state: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
+    state
+        .iter()
+        .find(|s| s["sensor"] == "speed")
+        .and_then(|s| s["value"].as_f64())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn c_and_python_devices_publish_with_creds_over_tls() {
+    if skip("FLEETPIPE_SKIP_C", "needs cc and libnats-dev")
+        || skip("FLEETPIPE_SKIP_PY", "needs nats-py")
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = fleetpipe_testkit::free_port();
+    let url = format!("tls://127.0.0.1:{port}");
+    let up = fleetpipe(
+        &data,
+        &[
+            "up",
+            "--secure",
+            "--nats-port",
+            &port.to_string(),
+            "--http",
+            "127.0.0.1:0",
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::inherit())
+    .spawn()
+    .unwrap();
+    let _up = Up(up);
+    let started = Instant::now();
+    while !run(&data, &["--nats-url", &url, "state", "--json"])
+        .status
+        .success()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "up --secure did not start"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let ca = data.join("tls/ca.pem");
+    let creds = |device: &str| {
+        let path = dir.path().join(format!("{device}.creds"));
+        let out = run(
+            &data,
+            &["device", "add", device, "--out", path.to_str().unwrap()],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        path
+    };
+
+    // The official C client.
+    let src = dir.path().join("publisher.c");
+    let bin = dir.path().join("publisher");
+    std::fs::write(&src, C_PUBLISHER).unwrap();
+    let cc = Command::new("cc")
+        .arg(&src)
+        .arg("-o")
+        .arg(&bin)
+        .arg("-lnats")
+        .output()
+        .expect("cc is needed: apt-get install gcc");
+    assert!(
+        cc.status.success(),
+        "cannot build the C publisher (apt-get install libnats-dev): {}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
+    let out = Command::new(&bin)
+        .arg(&url)
+        .arg(creds("car-c"))
+        .arg(&ca)
+        .arg("0")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "C publisher: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // nats-py, with JetStream acks on the device's own inbox.
+    let script = dir.path().join("publish.py");
+    std::fs::write(&script, PY_PUBLISHER).unwrap();
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(&url)
+        .arg(creds("car-py"))
+        .arg(&ca)
+        .arg("car-py")
+        .output()
+        .expect("python3 is needed");
+    assert!(
+        out.status.success(),
+        "nats-py publisher (pip install nats-py): {}",
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .rev()
+            .take(6)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    // Stored by the collectors (their own user), latest state put.
+    let started = Instant::now();
+    while speed(&data, &url, "car-c") != Some(19.0) || speed(&data, &url, "car-py") != Some(119.0) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the readings did not land"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // A device's credentials do not let it publish as another: the server drops car-py's
+    // publishes on car-c's subject (values 1000…1019).
+    let out = Command::new(&bin)
+        .arg(&url)
+        .arg(dir.path().join("car-py.creds"))
+        .arg(&ca)
+        .arg("1000")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the publish itself is not refused client-side"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(speed(&data, &url, "car-c"), Some(19.0));
+    let list = run(&data, &["device", "list", "--json"]);
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(list.len(), 2);
+}
