@@ -86,6 +86,8 @@ fn fleetpipe(data: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_fleetpipe"));
     c.arg("--data-dir")
         .arg(data)
+        .arg("--config")
+        .arg(data.parent().unwrap().join("fleetpipe.toml"))
         .args(args)
         .env("FLEETPIPE_LOG", "warn")
         .env_remove("FLEETPIPE_CONFIG")
@@ -118,6 +120,9 @@ async fn c_and_python_devices_publish_with_creds_over_tls() {
     let data = dir.path().join("data");
     let port = fleetpipe_testkit::free_port();
     let url = format!("tls://127.0.0.1:{port}");
+    // JetStream refuses a stream larger than it can store: keep the test off the disk's size.
+    let config = dir.path().join("fleetpipe.toml");
+    std::fs::write(&config, "[stream]\nmax_bytes = 268435456\n").unwrap();
     let up = fleetpipe(
         &data,
         &[
