@@ -302,6 +302,10 @@ pub async fn open(client: &async_nats::Client, config: &Config) -> Result<Broker
         .get_key_value(names::LEASE_BUCKET)
         .await
         .with_context(|| format!("cannot open KV bucket {}: {hint}", names::LEASE_BUCKET))?;
+    let tokens = js
+        .get_key_value(names::TOKEN_BUCKET)
+        .await
+        .with_context(|| format!("cannot open KV bucket {}: {hint}", names::TOKEN_BUCKET))?;
     let consumer = telemetry
         .get_consumer(&config.collector.durable)
         .await
@@ -316,6 +320,7 @@ pub async fn open(client: &async_nats::Client, config: &Config) -> Result<Broker
         telemetry,
         state,
         leases,
+        tokens,
         consumer,
     })
 }

@@ -14,7 +14,7 @@ use crate::support::*;
 
 /// One request on a fresh connection: the status and the body (the head alone for the
 /// live stream, which never ends); status 0 when nothing listens.
-async fn request(
+pub(crate) async fn request(
     port: u16,
     method: &str,
     path: &str,

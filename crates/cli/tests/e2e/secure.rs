@@ -2,11 +2,15 @@
 //! reference design's format) and nats-py (JetStream publishes with acks on the device's
 //! own inbox prefix) connect with a `.creds` file from `fleetpipe device add` and the
 //! local CA, over TLS, and their readings land; each of up's services runs as its own
-//! least-privilege user (a permission violation would stop them storing anything).
+//! least-privilege user (a permission violation would stop them storing anything), the
+//! API with bearer tokens it reads from its bucket as its own user; and no secret the run
+//! created (seeds, CA and server keys, an API token) is in its logs.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::api_auth::request;
 
 /// `fleetpipe up`, stopped with SIGTERM (never SIGKILL, which would leave its managed
 /// nats-server behind) when dropped, even by a failing assertion.
@@ -123,6 +127,8 @@ async fn c_and_python_devices_publish_with_creds_over_tls() {
     // JetStream refuses a stream larger than it can store: keep the test off the disk's size.
     let config = dir.path().join("fleetpipe.toml");
     std::fs::write(&config, "[stream]\nmax_bytes = 268435456\n").unwrap();
+    let http = fleetpipe_testkit::free_port();
+    let up_log = dir.path().join("up.log");
     let up = fleetpipe(
         &data,
         &[
@@ -131,11 +137,14 @@ async fn c_and_python_devices_publish_with_creds_over_tls() {
             "--nats-port",
             &port.to_string(),
             "--http",
-            "127.0.0.1:0",
+            &format!("127.0.0.1:{http}"),
+            "--api-auth",
+            "tokens",
         ],
     )
+    .env("FLEETPIPE_LOG", "debug")
     .stdout(Stdio::null())
-    .stderr(Stdio::inherit())
+    .stderr(std::fs::File::create(&up_log).unwrap())
     .spawn()
     .unwrap();
     let _up = Up(up);
@@ -244,4 +253,83 @@ async fn c_and_python_devices_publish_with_creds_over_tls() {
     let list = run(&data, &["device", "list", "--json"]);
     let list: Vec<serde_json::Value> = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(list.len(), 2);
+
+    // The API, as its own NATS user, mirrors the token bucket: a token made by the admin
+    // user works within a second; none is a 401.
+    let out = run(
+        &data,
+        &["--nats-url", &url, "token", "add", "ops", "--role", "read"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) =
+            request(http, "GET", "/api/v1/devices/car-py", Some(&token), None).await;
+        if status == 200 {
+            let device: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(device["sensors"]["speed"]["value"], 119.0, "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "GET with a token: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, _) = request(http, "GET", "/api/v1/devices/car-py", None, None).await;
+    assert_eq!(status, 401);
+
+    // No secret of the run reaches a log: every seed (operator, accounts, services,
+    // devices), the CA's and the server's private keys, the token.
+    drop(_up);
+    let mut secrets: Vec<String> = vec![token];
+    let mut files = vec![
+        dir.path().join("car-c.creds"),
+        dir.path().join("car-py.creds"),
+    ];
+    let mut dirs = vec![data.join("security"), data.join("tls")];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        for word in text.split(|c: char| !c.is_ascii_alphanumeric()) {
+            // nkey seeds: S + O/A/U (operator, account, user) + 56 base32 characters.
+            if word.len() == 58 && word.starts_with('S') {
+                secrets.push(word.to_string());
+            }
+        }
+        if text.contains("PRIVATE KEY-----") {
+            let body: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
+            assert!(body.len() > 40, "{}", file.display());
+            secrets.push(body[..40].to_string());
+        }
+    }
+    assert!(
+        secrets.len() >= 10,
+        "seeds and keys found: {}",
+        secrets.len()
+    );
+    let mut logs = std::fs::read_to_string(&up_log).unwrap();
+    logs += &std::fs::read_to_string(data.join("nats/nats-server.log")).unwrap_or_default();
+    assert!(logs.len() > 1000, "the logs were captured");
+    for secret in &secrets {
+        assert!(
+            !logs.contains(secret.as_str()),
+            "a secret ({}…) is in the logs",
+            &secret[..6]
+        );
+    }
 }

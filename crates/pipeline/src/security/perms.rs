@@ -110,6 +110,7 @@ fn stream_infos(config: &Config) -> Vec<String> {
         names::ADVISORY_STREAM.to_string(),
         format!("KV_{}", names::STATE_BUCKET),
         format!("KV_{}", names::LEASE_BUCKET),
+        format!("KV_{}", names::TOKEN_BUCKET),
     ]
     .iter()
     .map(|s| api(&format!("STREAM.INFO.{s}")))
@@ -171,6 +172,11 @@ pub fn service_permissions(service: Service, config: &Config) -> (Permission, Pe
             p.extend(kv_watch(names::STATE_BUCKET));
             p.extend(stream_reads(&state_stream));
             p.extend(stream_reads(names::DLQ_STREAM));
+            // Bearer tokens: mirrored by a watch; written by the admin routes.
+            let tokens_stream = format!("KV_{}", names::TOKEN_BUCKET);
+            p.extend(kv_watch(names::TOKEN_BUCKET));
+            p.extend(stream_reads(&tokens_stream));
+            p.push(format!("$KV.{}.>", names::TOKEN_BUCKET));
             p
         }
     };
