@@ -595,30 +595,12 @@ mod https {
     use tokio_rustls::rustls::pki_types::pem::PemObject as _;
     use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 
-    /// A self-signed certificate for 127.0.0.1 and localhost, made by `openssl`.
-    fn self_signed(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
-        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-        let status = std::process::Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-            ])
-            .args(["-nodes", "-days", "2", "-subj", "/CN=fleetpipe-test"])
-            .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
-            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .expect("the HTTPS test needs the openssl command");
-        assert!(status.success());
-        (cert, key)
+    /// A server certificate for 127.0.0.1 and localhost, and the CA that signed it, made
+    /// as `fleetpipe up --secure` makes its own.
+    fn certificate(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+        let files = fleetpipe_pipeline::security::tls::TlsFiles::under(dir);
+        files.ensure(&[]).unwrap();
+        (files.server_cert, files.server_key, files.ca_cert)
     }
 
     async fn https_get(
@@ -651,7 +633,7 @@ mod https {
         let f = Fixture::new().await;
         let t = Tokens::new().await;
         let dir = tempfile::tempdir().unwrap();
-        let (cert, key) = self_signed(dir.path());
+        let (cert, key, ca) = certificate(dir.path());
         let config = fleetpipe_api::tls::server_config(&cert, &key).unwrap();
         let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = tcp.local_addr().unwrap();
@@ -661,7 +643,7 @@ mod https {
 
         let mut roots = rustls::RootCertStore::empty();
         roots
-            .add(CertificateDer::from_pem_file(&cert).unwrap())
+            .add(CertificateDer::from_pem_file(&ca).unwrap())
             .unwrap();
         let health = https_get(addr, &roots, "/healthz", None).await;
         assert!(health.starts_with("HTTP/1.1 200"), "{health}");
