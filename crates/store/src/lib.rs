@@ -30,6 +30,7 @@ use fleetpipe_proto::{Reading, Tags, Timestamp};
 
 mod chunk;
 mod migrations;
+mod pg_tls;
 pub mod postgres;
 mod series;
 pub mod sqlite;

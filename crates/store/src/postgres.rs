@@ -26,12 +26,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::error::Error as StdError;
 use std::time::Duration;
 
+use crate::pg_tls::PgTls;
 use bytes::BytesMut;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use fleetpipe_proto::Timestamp;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{to_sql_checked, FromSql, IsNull, ToSql, Type};
-use tokio_postgres::NoTls;
 
 use crate::migrations::{self, POSTGRES as MIGRATIONS};
 use crate::series::{
@@ -70,14 +70,18 @@ impl PgStore {
     /// `fleetpipe up` reads through a small pool next to the collectors' (see
     /// `fleetpipe_api::open_store`).
     pub async fn connect_with(url: &str, pool_size: usize) -> Result<Self> {
-        let config: tokio_postgres::Config = url.parse().map_err(|e| StoreError::Url {
+        let bad_url = |reason: String| StoreError::Url {
             url: redact(url),
-            reason: format!("{e}"),
-        })?;
-        // NoTls for now: TLS (and client certificates) come with the security work.
+            reason,
+        };
+        // TLS as libpq's sslmode, sslrootcert, sslcert and sslkey ask (`pg_tls`).
+        let (rest, tls) = PgTls::split(url).map_err(bad_url)?;
+        let mut config: tokio_postgres::Config =
+            rest.parse().map_err(|e| bad_url(format!("{e}")))?;
+        config.ssl_mode(tls.ssl_mode());
         let manager = Manager::from_config(
             config,
-            NoTls,
+            tls.connector().map_err(bad_url)?,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },

@@ -57,6 +57,51 @@ impl PgServer {
         server
     }
 
+    /// Like [`PgServer::start`], with TLS on: `cert` and `key` (PEM files) are the
+    /// server's certificate and key, and clients must use TLS (`hostssl` only).
+    pub fn start_tls(cert: &Path, key: &Path) -> PgServer {
+        let bins = Bins::find();
+        let as_postgres = running_as_root();
+        let dir = tempfile::Builder::new()
+            .prefix("fleetpipe-pg-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("create a temp dir for PostgreSQL: {e}"));
+        std::fs::create_dir(dir.path().join("sock")).unwrap();
+        let mut server = PgServer {
+            dir,
+            bins,
+            as_postgres,
+            port: 0,
+        };
+        if as_postgres {
+            hand_to_postgres_user(server.dir.path());
+        }
+        server.initdb();
+        let data = server.data();
+        std::fs::copy(cert, data.join("server.crt")).unwrap();
+        std::fs::copy(key, data.join("server.key")).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(
+            data.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        let mut conf = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
+        conf.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        std::fs::write(data.join("postgresql.conf"), conf).unwrap();
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n",
+        )
+        .unwrap();
+        if as_postgres {
+            hand_to_postgres_user(server.dir.path());
+        }
+        server.start_server();
+        server.create_database(DEFAULT_DB);
+        server
+    }
+
     /// [`PgServer::start`], except that it returns `None` (and says so) when
     /// `FLEETPIPE_SKIP_PG=1` is set outside CI (`CI` is not `true`), for machines without
     /// PostgreSQL. In CI a missing PostgreSQL always fails the test.
