@@ -43,7 +43,9 @@ impl ManagedOptions<'_> {
 pub fn check_listen(listen: SocketAddr, secure: bool) -> Result<()> {
     if !secure && !listen.ip().is_loopback() {
         bail!(
-            "refusing to listen on {listen} without authentication: anyone who reaches it could              publish as any device and read everything. Add --secure (JWT authentication and              TLS), or listen on 127.0.0.1"
+            "refusing to listen on {listen} without authentication: anyone who reaches it \
+             could publish as any device and read everything. Add --secure (JWT \
+             authentication and TLS), or listen on 127.0.0.1"
         );
     }
     Ok(())

@@ -10,7 +10,7 @@
 mod nats;
 mod postgres;
 
-pub use nats::NatsServer;
+pub use nats::{nats_server_bin, NatsServer};
 pub use postgres::PgServer;
 
 /// A TCP port that was free a moment ago on 127.0.0.1.

@@ -119,6 +119,12 @@ async fn many_devices_two_collectors_sqlite() {
     many_devices_two_collectors(Env::sqlite()).await;
 }
 
+/// The same with every process as its own least-privilege user over TLS.
+#[tokio::test(flavor = "multi_thread")]
+async fn many_devices_two_collectors_secure() {
+    many_devices_two_collectors(Env::secure_sqlite().await).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn many_devices_two_collectors_postgres() {
     if let Some(env) = Env::postgres("many_devices") {
@@ -163,6 +169,11 @@ async fn crash_and_downtime(env: Env) {
 #[tokio::test(flavor = "multi_thread")]
 async fn crash_and_downtime_sqlite() {
     crash_and_downtime(Env::sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_and_downtime_secure() {
+    crash_and_downtime(Env::secure_sqlite().await).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

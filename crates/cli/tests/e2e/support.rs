@@ -1,4 +1,6 @@
-//! A fleetpipe deployment for one test: nats-server, store, config, processes.
+//! A fleetpipe deployment for one test: nats-server, store, config, processes; with
+//! [`Env::secure_sqlite`], a nats-server with JWT authentication and TLS, where every
+//! command runs as its own least-privilege user.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -8,18 +10,44 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use bytes::Bytes;
+use fleetpipe_pipeline::nats_server::{ManagedNats, ManagedOptions};
+use fleetpipe_pipeline::security::{Secure, Service};
+use fleetpipe_pipeline::Config;
 use fleetpipe_store::{Range, Store};
 use fleetpipe_testkit::{NatsServer, PgServer};
 
+/// The environment's nats-server.
+pub enum Nats {
+    Plain(NatsServer),
+    /// `fleetpipe up --secure`'s server, and the material it was made with.
+    Secure {
+        server: ManagedNats,
+        secure: Box<Secure>,
+    },
+}
+
+impl Nats {
+    pub fn url(&self) -> String {
+        match self {
+            Nats::Plain(s) => s.url(),
+            Nats::Secure { server, .. } => server.url(),
+        }
+    }
+}
+
 pub struct Env {
-    pub nats: NatsServer,
+    pub nats: Nats,
     pub dir: tempfile::TempDir,
     pub store_url: String,
     _pg: Option<PgServer>,
 }
 
-/// Settings that make redelivery after a crash quick enough for a test.
+/// Settings that make redelivery after a crash quick enough for a test; a 1 GiB stream,
+/// as JetStream refuses one larger than three quarters of the free disk.
 const TEST_CONFIG: &str = r#"
+[stream]
+max_bytes = 1073741824
+
 [collector]
 ack_wait = "2s"
 batch_size = 500
@@ -43,10 +71,49 @@ impl Env {
     fn with(dir: tempfile::TempDir, store_url: String, pg: Option<PgServer>) -> Env {
         std::fs::write(dir.path().join("fleetpipe.toml"), TEST_CONFIG).unwrap();
         Env {
-            nats: NatsServer::start(),
+            nats: Nats::Plain(NatsServer::start()),
             dir,
             store_url,
             _pg: pg,
+        }
+    }
+
+    /// The embedded store behind a nats-server in secure mode (JWT accounts, TLS), as
+    /// `fleetpipe up --secure` makes it: `init` and the test's own client run as the admin
+    /// user, `collect` as the collector, `aggregate` as the aggregator, `serve` as the API
+    /// (each with a config file of its own, `<user>.toml`).
+    pub async fn secure_sqlite() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let store_url = format!("sqlite://{}", dir.path().join("fleetpipe.db").display());
+        let base = Config::from_toml(TEST_CONFIG).unwrap();
+        let data = dir.path().join("data");
+        let secure = Secure::init(&data, &base, &[]).unwrap();
+        for service in Service::ALL {
+            let config = secure.service_config(&base, service);
+            std::fs::write(
+                dir.path().join(format!("{}.toml", service.name())),
+                toml::to_string(&config).unwrap(),
+            )
+            .unwrap();
+        }
+        let server = ManagedNats::start(
+            &fleetpipe_testkit::nats_server_bin(),
+            &data,
+            ManagedOptions {
+                secure: Some(&secure),
+                ..ManagedOptions::loopback(fleetpipe_testkit::free_port())
+            },
+        )
+        .await
+        .unwrap();
+        Env {
+            nats: Nats::Secure {
+                server,
+                secure: Box::new(secure),
+            },
+            dir,
+            store_url,
+            _pg: None,
         }
     }
 
@@ -59,12 +126,29 @@ impl Env {
         self.dir.path().join("fleetpipe.toml")
     }
 
+    /// The config file `fleetpipe <args>` runs with: in a secure environment, its
+    /// service's user.
+    fn config_for(&self, args: &[&str]) -> PathBuf {
+        match &self.nats {
+            Nats::Plain(_) => self.config_path(),
+            Nats::Secure { .. } => {
+                let service = match args.first() {
+                    Some(&"collect") => Service::Collector,
+                    Some(&"aggregate") => Service::Aggregator,
+                    Some(&"serve") => Service::Api,
+                    _ => Service::Admin,
+                };
+                self.dir.path().join(format!("{}.toml", service.name()))
+            }
+        }
+    }
+
     /// `fleetpipe <args>` wired to this environment.
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_fleetpipe"));
         c.args(["--nats-url", &self.nats.url(), "--store", &self.store_url])
             .arg("--config")
-            .arg(self.config_path())
+            .arg(self.config_for(args))
             .arg("--data-dir")
             .arg(self.dir.path())
             .args(args)
@@ -109,8 +193,18 @@ impl Env {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// A JetStream context on this environment's server (as the admin user when secure).
     pub async fn js(&self) -> jetstream::Context {
-        jetstream::new(async_nats::connect(self.nats.url()).await.unwrap())
+        let client = match &self.nats {
+            Nats::Plain(s) => async_nats::connect(s.url()).await.unwrap(),
+            Nats::Secure { server, secure } => secure
+                .connect_options(Service::Admin)
+                .unwrap()
+                .connect(server.url())
+                .await
+                .unwrap(),
+        };
+        jetstream::new(client)
     }
 
     pub async fn store(&self) -> Arc<dyn Store> {
