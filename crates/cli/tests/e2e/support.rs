@@ -21,7 +21,7 @@ pub enum Nats {
     Plain(NatsServer),
     /// `fleetpipe up --secure`'s server, and the material it was made with.
     Secure {
-        server: ManagedNats,
+        server: Box<ManagedNats>,
         secure: Box<Secure>,
     },
 }
@@ -108,7 +108,7 @@ impl Env {
         .unwrap();
         Env {
             nats: Nats::Secure {
-                server,
+                server: Box::new(server),
                 secure: Box::new(secure),
             },
             dir,
