@@ -9,6 +9,9 @@
 //! * a JSON object: `{"value":2.45,"unit":"mm/s","timestamp":"2026-02-15T10:00:00Z","quality":"good"}`;
 //! * InfluxDB line protocol, many readings per message (see [`payload`] for the mapping).
 //!
+//! The sensor [`STATUS_SENSOR`] is reserved for a device's status messages, which are not
+//! readings.
+//!
 //! **Invariant:** this crate does no I/O and no allocation beyond the readings it returns,
 //! so the device agent and the simulator can link it on constrained hardware.
 
@@ -133,6 +136,13 @@ impl std::fmt::Display for Reject {
         write!(f, "{}: {}", self.code.as_str(), self.message)
     }
 }
+
+/// The sensor name of a device's status messages (`vehicle.<device>._status`): what
+/// `fleetpipe-agent` reports about itself, such as a refused configuration. It is inside
+/// the device's own subjects (so its credentials allow it) and inside the telemetry
+/// stream's, but it is not telemetry: [`decode`] yields neither readings nor rejects for
+/// it, so a collector acknowledges it and stores nothing.
+pub const STATUS_SENSOR: &str = "_status";
 
 /// Whether `token` is a valid device id or sensor-name token: ASCII letters, digits, `-`
 /// and `_`, 1 to 128 bytes. Those characters are valid in NATS subjects and KV keys alike.

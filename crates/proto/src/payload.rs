@@ -202,6 +202,10 @@ pub fn decode_into(
                 .push(Reject::new(RejectCode::Subject, e.to_string()))
         }
     };
+    if parts.sensor == crate::STATUS_SENSOR {
+        // A device's status message: not telemetry, nothing to store or dead-letter.
+        return;
+    }
     if let Err(e) = check_subject_tags(&parts.tags, limits) {
         return out.rejects.push(e);
     }

@@ -673,3 +673,14 @@ fn readings_older_than_the_retention_are_refused() {
         old.rejects
     );
 }
+
+#[test]
+fn status_messages_are_neither_readings_nor_rejects() {
+    for payload in ["{\"config_revision\":3,\"applied\":false}", "anything", ""] {
+        let d = run("vehicle.d1._status", payload);
+        assert!(d.readings.is_empty() && d.rejects.is_empty(), "{d:?}");
+    }
+    // Only the exact sensor name: `_status.x` and `x._status` are telemetry.
+    assert_eq!(run("vehicle.d1._status.x", "1").readings.len(), 1);
+    assert_eq!(run("vehicle.d1.x._status", "1").readings.len(), 1);
+}
