@@ -665,13 +665,11 @@ async fn connect(cfg: &SimConfig) -> Result<jetstream::Context, SimError> {
             url: cfg.nats_url.clone(),
             source,
         })?;
-    Ok(jetstream::ContextBuilder::new()
-        .timeout(cfg.ack_timeout)
-        // Our own window already bounds what is in flight; the context's limit only has
-        // to be no lower, so that `publish` never waits on it.
-        .max_ack_inflight(cfg.max_in_flight)
-        .backpressure_on_inflight(true)
-        .build(client))
+    Ok(crate::publish::context(
+        client,
+        cfg.max_in_flight,
+        cfg.ack_timeout,
+    ))
 }
 
 /// Exponential backoff from 100 ms, capped at 5 s: quick after a blip, gentle on a server

@@ -1,20 +1,14 @@
 //! One connection's task: walks its share of the fleet in schedule order and publishes
 //! through JetStream, never more than `max_in_flight` messages unacknowledged.
 
-use std::future::{Future, IntoFuture};
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::{self, publish::PublishAck};
-use async_nats::HeaderMap;
 use bytes::Bytes;
 use fleetpipe_proto::{encode_json, encode_line_protocol, encode_plain, Timestamp};
-use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -22,6 +16,7 @@ use tokio::time::Instant;
 use super::schedule::share_of_fleet;
 use super::schedule::{messages_per_tick, Device, Family, Sample, MAX_SAMPLES, TICK};
 use super::{wall_time, PayloadForm, Shared, SimConfig, SimError};
+use crate::publish::{Outgoing, Publisher};
 
 /// Failed publishes, before any was acknowledged, after which the run gives up: the setup
 /// is wrong (usually no stream), and counting millions of errors would help nobody.
@@ -119,18 +114,15 @@ enum Flow {
     Stop,
 }
 
-type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>;
-
 /// One connection's publisher.
 pub(super) struct Worker {
-    js: jetstream::Context,
     /// This connection's share of the fleet, sorted by phase.
     devices: Vec<Device>,
     plan: Arc<Plan>,
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
-    /// Acknowledgements still to come; its length is bounded by `max_in_flight`.
-    in_flight: FuturesUnordered<AckFuture>,
+    /// The shared publishing core: acknowledgements still to come, at most `max_in_flight`.
+    publisher: Publisher,
     pacer: Option<Pacer>,
     samples: Vec<Sample>,
 }
@@ -148,12 +140,11 @@ impl Worker {
             Pacer::new(cap * share, plan.start)
         });
         Worker {
-            js,
+            publisher: Publisher::new(js, plan.cfg.max_in_flight),
             devices,
             stop: shared.stop.subscribe(),
             plan,
             shared,
-            in_flight: FuturesUnordered::new(),
             pacer,
             samples: Vec::with_capacity(MAX_SAMPLES),
         }
@@ -309,9 +300,9 @@ impl Worker {
     ) -> Result<Flow, SimError> {
         // The flow control: never more than `max_in_flight` unacknowledged messages, so a
         // slow broker slows the simulator down instead of growing a queue.
-        while self.in_flight.len() >= self.plan.cfg.max_in_flight {
+        while !self.publisher.has_room() {
             tokio::select! {
-                Some(result) = self.in_flight.next() => self.record(result)?,
+                Some(acked) = self.publisher.next_ack() => self.record(acked.result)?,
                 _ = self.stop.changed() => {}
             }
             if self.stopping() {
@@ -334,20 +325,14 @@ impl Worker {
             }
         }
 
-        let payload = Bytes::from(body);
-        let published = match msg_id {
-            Some(id) => {
-                let mut headers = HeaderMap::new();
-                headers.insert(NATS_MESSAGE_ID, id);
-                self.js
-                    .publish_with_headers(subject, headers, payload)
-                    .await
-            }
-            None => self.js.publish(subject, payload).await,
+        let msg = Outgoing {
+            subject,
+            payload: Bytes::from(body),
+            msg_id,
+            readings,
         };
-        match published {
-            Ok(ack) => {
-                self.in_flight.push(ack.into_future());
+        match self.publisher.publish(0, msg).await {
+            Ok(()) => {
                 counters.published.fetch_add(1, Ordering::Relaxed);
                 counters.readings.fetch_add(readings, Ordering::Relaxed);
             }
@@ -357,8 +342,8 @@ impl Worker {
             }
         }
         // Poll what has arrived, so counters stay current and the new ack's timeout starts.
-        while let Some(Some(result)) = self.in_flight.next().now_or_never() {
-            self.record(result)?;
+        while let Some(acked) = self.publisher.ready_ack() {
+            self.record(acked.result)?;
         }
         Ok(Flow::Continue)
     }
@@ -391,8 +376,8 @@ impl Worker {
             tokio::select! {
                 () = raised => {}
                 () = tokio::time::sleep(GATE_RECHECK) => {}
-                Some(result) = self.in_flight.next(), if !self.in_flight.is_empty() => {
-                    self.record(result)?;
+                Some(acked) = self.publisher.next_ack(), if self.publisher.in_flight() > 0 => {
+                    self.record(acked.result)?;
                 }
                 _ = self.stop.changed() => {}
             }
@@ -410,8 +395,8 @@ impl Worker {
             }
             tokio::select! {
                 () = tokio::time::sleep_until(at) => {}
-                Some(result) = self.in_flight.next(), if !self.in_flight.is_empty() => {
-                    self.record(result)?;
+                Some(acked) = self.publisher.next_ack(), if self.publisher.in_flight() > 0 => {
+                    self.record(acked.result)?;
                 }
                 _ = self.stop.changed() => {}
             }
@@ -479,19 +464,18 @@ impl Worker {
     async fn drain(&mut self) {
         // ack_timeout is validated to at most an hour, so this cannot overflow.
         let deadline = Instant::now() + self.plan.cfg.ack_timeout + Duration::from_secs(1);
-        while !self.in_flight.is_empty() {
-            match tokio::time::timeout_at(deadline, self.in_flight.next()).await {
+        while self.publisher.in_flight() > 0 {
+            match tokio::time::timeout_at(deadline, self.publisher.next_ack()).await {
                 // Already stopping: a failure here is counted, not acted on.
-                Ok(Some(result)) => drop(self.record(result)),
+                Ok(Some(acked)) => drop(self.record(acked.result)),
                 Ok(None) => break,
                 Err(_) => {
-                    let left = self.in_flight.len() as u64;
+                    let left = self.publisher.abandon() as u64;
                     let counters = &self.shared.counters;
                     counters.ack_errors.fetch_add(left, Ordering::Relaxed);
                     if let Ok(mut last) = counters.last_error.lock() {
                         *last = Some(format!("{left} acknowledgements did not arrive in time"));
                     }
-                    self.in_flight.clear();
                 }
             }
         }
