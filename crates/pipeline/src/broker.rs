@@ -5,6 +5,8 @@
 //! * the latest-state KV bucket `fleetpipe_state` (key `<device>.<sensor>`);
 //! * the lease KV bucket `fleetpipe_leases` (the aggregator's single-writer lease);
 //! * the API's token KV bucket `fleetpipe_api_tokens` (hashed bearer tokens);
+//! * the device configuration KV bucket `fleetpipe_config` (key = device id; direct gets
+//!   allowed, which is how a device reads its own key);
 //! * the collectors' durable pull consumer, and the stream `FLEETPIPE_ADVISORIES` that
 //!   keeps its max-delivery advisories for the collectors to dead-letter those messages.
 
@@ -107,6 +109,8 @@ pub struct Broker {
     pub leases: kv::Store,
     /// The API's bearer tokens (see `fleetpipe_api::auth::tokens`).
     pub tokens: kv::Store,
+    /// Device configurations (see `fleetpipe_device::live`).
+    pub device_config: kv::Store,
     pub consumer: consumer::PullConsumer,
 }
 
@@ -273,6 +277,21 @@ pub async fn ensure(client: &async_nats::Client, config: &Config) -> Result<Brok
         .await
         .context("cannot create or update the API token KV bucket")?;
 
+    let device_config = js
+        .create_or_update_key_value(kv::Config {
+            bucket: names::CONFIG_BUCKET.into(),
+            description: "fleetpipe device configurations: <device> -> live settings (TOML)".into(),
+            // A few revisions, to see what changed; devices read the newest by direct get
+            // (the client sets allow_direct on KV buckets).
+            history: 5,
+            max_value_size: 64 * 1024,
+            storage: stream::StorageType::File,
+            num_replicas: config.stream.replicas,
+            ..Default::default()
+        })
+        .await
+        .context("cannot create or update the device configuration KV bucket")?;
+
     ensure_advisories(&js, config).await?;
     let consumer = ensure_consumer(&telemetry, consumer_config(config)).await?;
     Ok(Broker {
@@ -281,6 +300,7 @@ pub async fn ensure(client: &async_nats::Client, config: &Config) -> Result<Brok
         state,
         leases,
         tokens,
+        device_config,
         consumer,
     })
 }

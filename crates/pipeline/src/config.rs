@@ -303,6 +303,8 @@ pub mod names {
     pub const LEASE_BUCKET: &str = "fleetpipe_leases";
     /// The API's bearer tokens, hashed: `<token id>` -> name, role, SHA-256 of the secret.
     pub const TOKEN_BUCKET: &str = "fleetpipe_api_tokens";
+    /// Device configurations (`fleetpipe-agent` follows its key, the device id).
+    pub const CONFIG_BUCKET: &str = "fleetpipe_config";
     /// Subjects fleetpipe uses for itself; the telemetry capture must not overlap them.
     pub const RESERVED_PREFIX: &str = "fleetpipe.";
 }
