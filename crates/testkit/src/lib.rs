@@ -1,6 +1,7 @@
 //! Real servers for tests, each on a free port with a temporary directory, stopped on drop.
 //!
-//! * [`NatsServer`] — `nats-server` with JetStream.
+//! * [`NatsServer`] — `nats-server` with JetStream; [`NatsCluster`], several routed into a
+//!   JetStream cluster.
 //! * [`PgServer`] — a throwaway PostgreSQL cluster (`initdb` + `pg_ctl`).
 //!
 //! Tests that need PostgreSQL call [`PgServer::start_or_skip`]: it fails the test when the
@@ -10,7 +11,7 @@
 mod nats;
 mod postgres;
 
-pub use nats::{nats_server_bin, NatsServer};
+pub use nats::{nats_server_bin, NatsCluster, NatsServer};
 pub use postgres::PgServer;
 
 /// A TCP port that was free a moment ago on 127.0.0.1.
