@@ -76,6 +76,9 @@ pub struct AppState {
     pub limits: Limits,
     /// Whether and how requests are authenticated; the tokens.
     pub auth: Auth,
+    /// The device configuration bucket (`fleetpipe_config`), for
+    /// `/api/v1/devices/{id}/config`; `None` when the process has no broker.
+    pub device_config: Option<async_nats::jetstream::kv::Store>,
 }
 
 impl AppState {
@@ -93,6 +96,7 @@ impl AppState {
             shutdown: CancellationToken::new(),
             limits: Limits::default(),
             auth: Auth::none(),
+            device_config: None,
         }
     }
 
@@ -257,6 +261,7 @@ pub async fn start(
         shutdown: stop.clone(),
         limits: Limits::from_config(&config.api),
         auth,
+        device_config: Some(broker.device_config.clone()),
         ..AppState::new(index, store, stats)
     };
     let server = match tls {

@@ -5,7 +5,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{assets, devices, fleet, live, ops, tokens};
+use crate::routes::{assets, device_config, devices, fleet, live, ops, tokens};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -20,7 +20,7 @@ use crate::routes::{assets, devices, fleet, live, ops, tokens};
             by default; the live stream is exempt), and carries `Retry-After` (seconds). \
             \n\nAuthentication: when the server requires tokens (`api.auth`), every route under \
             `/api/` needs `Authorization: Bearer fpt_…` with a role: `read` for every read and \
-            the live stream (which also takes `?access_token=`, for EventSource), `admin` for \
+            the live stream (which also takes `?access_token=`, for EventSource), `operator` to set a device's configuration, `admin` for \
             tokens; roles are ordered (admin ⊇ operator ⊇ read). `/metrics` needs `read` unless \
             `api.metrics_auth = false`; probes and the dashboard's files are open. A missing or \
             invalid token is a 401 with `WWW-Authenticate: Bearer`, too small a role a 403.",
@@ -30,6 +30,8 @@ use crate::routes::{assets, devices, fleet, live, ops, tokens};
         devices::list,
         devices::one,
         devices::series,
+        device_config::get,
+        device_config::put,
         fleet::summary,
         live::live,
         ops::info,

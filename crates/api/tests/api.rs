@@ -1769,6 +1769,7 @@ mod fuzz {
                 bucket: Some(t.bucket.clone()),
                 ..fleetpipe_api::Auth::none()
             },
+            device_config: Some(t.device_config.clone()),
             ..f.state.clone()
         };
         let statuses = run(state, &[None]).await;

@@ -12,6 +12,7 @@ use crate::params::truncate;
 use crate::AppState;
 
 pub mod assets;
+pub mod device_config;
 pub mod devices;
 pub mod fleet;
 pub mod live;
@@ -68,6 +69,10 @@ impl Route {
         Route::new(Method::DELETE, path, access, h)
     }
 
+    fn put<H: Handler<T, AppState>, T: 'static>(path: &'static str, access: Access, h: H) -> Route {
+        Route::new(Method::PUT, path, access, h)
+    }
+
     /// Whether the route takes its token as `?access_token=` too (see [`crate::auth`]).
     pub fn query_token(&self) -> bool {
         LONG_LIVED.contains(&self.path)
@@ -75,6 +80,7 @@ impl Route {
 }
 
 const READ: Access = Access::Role(Role::Read);
+const OPERATOR: Access = Access::Role(Role::Operator);
 const ADMIN: Access = Access::Role(Role::Admin);
 
 /// Every route, with the role it needs: the single list the router is built from, which
@@ -86,6 +92,8 @@ pub fn table() -> Vec<Route> {
         Route::get("/api/v1/devices", READ, devices::list),
         Route::get("/api/v1/devices/{id}", READ, devices::one),
         Route::get("/api/v1/devices/{id}/series", READ, devices::series),
+        Route::get("/api/v1/devices/{id}/config", READ, device_config::get),
+        Route::put("/api/v1/devices/{id}/config", OPERATOR, device_config::put),
         Route::get("/api/v1/fleet/summary", READ, fleet::summary),
         Route::get("/api/v1/live", READ, live::live),
         Route::get("/api/v1/info", READ, ops::info),

@@ -26,6 +26,7 @@ use super::{wait_until, Fixture};
 pub(crate) struct Tokens {
     pub _server: NatsServer,
     pub bucket: kv::Store,
+    pub device_config: kv::Store,
     pub set: Arc<TokenSet>,
     pub by_role: Vec<(Role, String)>,
     pub stop: CancellationToken,
@@ -44,6 +45,18 @@ impl Tokens {
             })
             .await
             .unwrap();
+        let device_config = js
+            .create_key_value(kv::Config {
+                bucket: fleetpipe_pipeline::config::names::CONFIG_BUCKET.into(),
+                history: 5,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        device_config
+            .put("v00001", "[sensors.speed]\nrate_hz = 2.0\n".into())
+            .await
+            .unwrap();
         let mut by_role = Vec::new();
         for role in Role::ALL {
             let t = tokens::create(&bucket, &format!("test-{role}"), role)
@@ -56,6 +69,7 @@ impl Tokens {
         Tokens {
             _server: server,
             bucket,
+            device_config,
             set,
             by_role,
             stop,
@@ -70,6 +84,7 @@ impl Tokens {
     pub fn required(&self, state: &AppState) -> AppState {
         AppState {
             auth: Auth::tokens(self.set.clone(), Some(self.bucket.clone())),
+            device_config: Some(self.device_config.clone()),
             ..state.clone()
         }
     }
@@ -102,6 +117,11 @@ async fn sample(route: &Route, t: &Tokens, n: usize) -> (String, Option<String>)
         (Method::GET, "/api/v1/devices/{id}") => "/api/v1/devices/v00001".into(),
         (Method::GET, "/api/v1/devices/{id}/series") => {
             "/api/v1/devices/v00001/series?sensor=speed".into()
+        }
+        (Method::GET, "/api/v1/devices/{id}/config") => "/api/v1/devices/v00001/config".into(),
+        (Method::PUT, "/api/v1/devices/{id}/config") => {
+            let body = format!("[sensors.speed]\nrate_hz = {}.0\n", n % 10 + 1);
+            return ("/api/v1/devices/v00001/config".into(), Some(body));
         }
         (Method::GET, "/api/v1/fleet/summary") => "/api/v1/fleet/summary".into(),
         (Method::GET, "/api/v1/live") => "/api/v1/live".into(),
@@ -295,6 +315,7 @@ async fn every_route_enforces_its_role() {
             bucket: Some(t.bucket.clone()),
             ..Auth::none()
         },
+        device_config: Some(t.device_config.clone()),
         ..f.state.clone()
     });
     for (n, route) in table().iter().enumerate() {
