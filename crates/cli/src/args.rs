@@ -109,8 +109,8 @@ pub enum Command {
     /// Manage the HTTP API's bearer tokens (add, list, revoke).
     #[command(subcommand)]
     Token(TokenCommand),
-    /// Issue, revoke and list device credentials (after `fleetpipe up --secure` made the
-    /// keys under the data directory).
+    /// Devices: credentials (add, revoke, list; after `fleetpipe up --secure` made the keys
+    /// under the data directory) and live configuration (`device config set|get`).
     #[command(subcommand)]
     Device(crate::device_cmd::DeviceCommand),
 }

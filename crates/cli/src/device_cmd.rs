@@ -23,6 +23,10 @@ pub enum DeviceCommand {
     Revoke(RevokeArgs),
     /// List devices with their public key, when their credentials were issued, and revoked.
     List(ListArgs),
+    /// A device's live configuration (sensor rates, enabled sensors, deadbands), applied
+    /// by its fleetpipe-agent within a second.
+    #[command(subcommand)]
+    Config(crate::device_config_cmd::DeviceConfigCommand),
 }
 
 #[derive(Args, Debug)]
@@ -58,6 +62,7 @@ pub async fn run(config: Config, command: DeviceCommand) -> Result<()> {
         DeviceCommand::Add(a) => add(config, a).await,
         DeviceCommand::Revoke(a) => revoke(config, a).await,
         DeviceCommand::List(a) => list(config, a),
+        DeviceCommand::Config(c) => crate::device_config_cmd::run(config, c).await,
     }
 }
 

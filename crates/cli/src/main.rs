@@ -4,6 +4,7 @@ mod args;
 mod bench;
 mod commands;
 mod device_cmd;
+mod device_config_cmd;
 mod output;
 mod token_cmd;
 

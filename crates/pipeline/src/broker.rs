@@ -326,6 +326,10 @@ pub async fn open(client: &async_nats::Client, config: &Config) -> Result<Broker
         .get_key_value(names::TOKEN_BUCKET)
         .await
         .with_context(|| format!("cannot open KV bucket {}: {hint}", names::TOKEN_BUCKET))?;
+    let device_config = js
+        .get_key_value(names::CONFIG_BUCKET)
+        .await
+        .with_context(|| format!("cannot open KV bucket {}: {hint}", names::CONFIG_BUCKET))?;
     let consumer = telemetry
         .get_consumer(&config.collector.durable)
         .await
@@ -341,6 +345,7 @@ pub async fn open(client: &async_nats::Client, config: &Config) -> Result<Broker
         state,
         leases,
         tokens,
+        device_config,
         consumer,
     })
 }

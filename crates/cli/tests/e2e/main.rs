@@ -8,6 +8,7 @@ mod bad_input;
 mod bench;
 mod browser;
 mod clients;
+mod device_config;
 mod exactly_once;
 mod fault;
 mod hardening;

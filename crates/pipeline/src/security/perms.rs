@@ -18,7 +18,7 @@ use super::jwt::Permission;
 use crate::config::{names, Config};
 
 /// The KV bucket holding each device's configuration, one key per device id.
-pub const DEVICE_CONFIG_BUCKET: &str = "fleetpipe_config";
+pub const DEVICE_CONFIG_BUCKET: &str = names::CONFIG_BUCKET;
 
 /// fleetpipe's own users. Each gets `<data-dir>/security/creds/<name>.creds`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -111,6 +111,7 @@ fn stream_infos(config: &Config) -> Vec<String> {
         format!("KV_{}", names::STATE_BUCKET),
         format!("KV_{}", names::LEASE_BUCKET),
         format!("KV_{}", names::TOKEN_BUCKET),
+        format!("KV_{}", names::CONFIG_BUCKET),
     ]
     .iter()
     .map(|s| api(&format!("STREAM.INFO.{s}")))
@@ -177,6 +178,9 @@ pub fn service_permissions(service: Service, config: &Config) -> (Permission, Pe
             p.extend(kv_watch(names::TOKEN_BUCKET));
             p.extend(stream_reads(&tokens_stream));
             p.push(format!("$KV.{}.>", names::TOKEN_BUCKET));
+            // Devices' live configuration: read and written by its routes.
+            p.extend(stream_reads(&format!("KV_{}", names::CONFIG_BUCKET)));
+            p.push(format!("$KV.{}.>", names::CONFIG_BUCKET));
             p
         }
     };
