@@ -108,6 +108,7 @@ impl Live {
         };
         let mut poll = tokio::time::interval(POLL);
         let mut due = true;
+        let mut link_open = true;
         loop {
             if *stop.borrow() {
                 return;
@@ -136,7 +137,10 @@ impl Live {
                     // Several puts in a row: read once, the newest.
                     while let Some(Some(_)) = sub.next().now_or_never() {}
                 }
-                _ = self.link.changed() => due = true,
+                changed = self.link.changed(), if link_open => {
+                    link_open = changed.is_ok();
+                    due = true;
+                }
                 _ = poll.tick() => due = true,
                 () = retry => {}
                 _ = stop.changed() => return,

@@ -265,6 +265,9 @@ pub async fn run(
     let mut last_sent: Option<(f64, Instant)> = None;
     let mut next = Instant::now();
     let mut warned = false;
+    // Without live configuration the settings' sender is gone, and a closed channel's
+    // `changed()` is ready at once: stop polling it then.
+    let mut live = true;
     loop {
         if *stop.borrow() {
             return;
@@ -272,23 +275,28 @@ pub async fn run(
         let s = *settings.borrow_and_update();
         if !s.enabled {
             tokio::select! {
-                _ = settings.changed() => { next = Instant::now(); continue; }
-                _ = stop.changed() => continue,
+                changed = settings.changed(), if live => {
+                    live = changed.is_ok();
+                    next = Instant::now();
+                    continue;
+                }
+                _ = stop.changed() => return,
             }
         }
         let period = Duration::from_secs_f64(1.0 / s.rate_hz);
         tokio::select! {
             () = tokio::time::sleep_until(next) => {}
-            changed = settings.changed() => {
+            changed = settings.changed(), if live => {
+                live = changed.is_ok();
                 // A new rate applies from the last sample, at once if that is past.
-                if changed.is_ok() {
+                if live {
                     let new = *settings.borrow();
                     let p = Duration::from_secs_f64(1.0 / new.rate_hz.max(1e-3));
                     next = next.checked_sub(period).map_or(next, |last| (last + p).max(Instant::now()));
                 }
                 continue;
             }
-            _ = stop.changed() => continue,
+            _ = stop.changed() => return,
         }
         let now = Instant::now();
         next += period;
@@ -343,7 +351,7 @@ pub async fn run(
         };
         tokio::select! {
             r = out.send(sample) => if r.is_err() { return; },
-            _ = stop.changed() => continue,
+            _ = stop.changed() => return,
         }
         stats.emitted.fetch_add(1, Ordering::Relaxed);
     }

@@ -203,20 +203,31 @@ struct Got {
 async fn drain(c: &consumer::PullConsumer, quiet: Duration) -> BTreeMap<String, Vec<Got>> {
     let template = SubjectTemplate::default();
     let mut out: BTreeMap<String, Vec<Got>> = BTreeMap::new();
+    // In a cluster that just lost a node the consumer may be electing a leader (503s).
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let batch = c
-            .fetch()
-            .max_messages(1000)
-            .expires(quiet)
-            .messages()
-            .await
-            .expect("fetch");
-        let msgs: Vec<_> = batch.collect().await;
+        let msgs: Vec<_> = match c.fetch().max_messages(1000).expires(quiet).messages().await {
+            Ok(batch) => batch.collect().await,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("fetch: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(e) => panic!("fetch: {e}"),
+        };
         if msgs.is_empty() {
             return out;
         }
         for m in msgs {
-            let m = m.expect("message");
+            let m = match m {
+                Ok(m) => m,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("fetch: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                Err(e) => panic!("fetch: {e}"),
+            };
             let d = decode(
                 &template,
                 &m.subject,

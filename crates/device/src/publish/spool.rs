@@ -176,6 +176,8 @@ impl Spool {
         let mut sync = tokio::time::interval(self.cfg.sync_interval);
         sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut open = true;
+        // A closed channel's `changed()` is ready at once: stop polling it then.
+        let (mut stop_open, mut link_open) = (true, true);
         loop {
             self.send_what_we_can().await;
             if *stop.borrow() || !open {
@@ -197,15 +199,13 @@ impl Spool {
                     self.on_ack(acked);
                 }
                 _ = sync.tick() => self.sync(),
-                changed = self.link.changed() => {
-                    if changed.is_err() {
-                        open = false;
-                    }
+                changed = self.link.changed(), if link_open => {
+                    link_open = changed.is_ok();
                 }
                 () = sleep_until_opt(hold), if hold.is_some() => {
                     self.hold_until = None;
                 }
-                _ = stop.changed() => {}
+                changed = stop.changed(), if stop_open => stop_open = changed.is_ok(),
             }
         }
         self.sync();
