@@ -632,8 +632,134 @@ async fn works_with_device_permissions_and_nothing_more() {
         .await;
     agent.stop();
     let log = agent.log();
-    assert!(!log.contains("Permissions Violation"), "{}", tail(&log));
+    assert!(!log.to_lowercase().contains("permissions violation"), "{}", tail(&log));
     let got = drain(&consumer, Duration::from_secs(1)).await;
     assert_eq!(got.len(), 2);
     let _ = server;
+}
+
+/// The agent with nothing but what `fleetpipe device add` issues, against `fleetpipe up
+/// --secure` (JWT accounts, TLS): it publishes, acks come to its own inbox, it reads and
+/// follows its configuration key, and the server reports no permission violation.
+/// Needs the `fleetpipe` binary with `up --secure` and `device add` (branch sec-nats):
+/// `cargo build -p fleetpipe`, then run with `--ignored` (FLEETPIPE_BIN overrides its path).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs `fleetpipe up --secure` and `fleetpipe device add` (branch sec-nats): enable once merged"]
+async fn works_with_credentials_from_fleetpipe_device_add() {
+    let fleetpipe = std::env::var_os("FLEETPIPE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(BIN).with_file_name("fleetpipe"));
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = free_port();
+    let url = format!("tls://127.0.0.1:{port}");
+    std::fs::write(
+        dir.path().join("fleetpipe.toml"),
+        "[stream]\nmax_bytes = 268435456\n",
+    )
+    .unwrap();
+    let cli = |args: &[&str]| {
+        let mut c = Command::new(&fleetpipe);
+        c.arg("--data-dir")
+            .arg(&data)
+            .arg("--config")
+            .arg(dir.path().join("fleetpipe.toml"))
+            .args(args)
+            .env("FLEETPIPE_LOG", "warn");
+        c
+    };
+    let up = cli(&[
+        "up",
+        "--secure",
+        "--nats-port",
+        &port.to_string(),
+        "--http",
+        "127.0.0.1:0",
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("fleetpipe up --secure");
+    struct Up(Child);
+    impl Drop for Up {
+        fn drop(&mut self) {
+            let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+            let _ = self.0.wait();
+        }
+    }
+    let _up = Up(up);
+    let started = Instant::now();
+    while !cli(&["--nats-url", &url, "state", "--json"])
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "up --secure did not start"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let creds = dir.path().join("sec1.creds");
+    let out = cli(&["device", "add", "sec1", "--out", creds.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ca = data.join("tls/ca.pem");
+
+    // The operator's side, with fleetpipe's admin user.
+    let admin = async_nats::ConnectOptions::new()
+        .credentials_file(data.join("security/creds/admin.creds"))
+        .await
+        .unwrap()
+        .add_root_certificates(ca.clone())
+        .require_tls(true)
+        .connect(url.as_str())
+        .await
+        .expect("admin connects");
+    let js = jetstream::new(admin);
+    let consumer = test_consumer(&js, "sec1").await;
+    let kv = js.get_key_value("fleetpipe_config").await.unwrap();
+    let rev = kv
+        .put("sec1", "[sensors.s0]\nrate_hz = 5.0\n".into())
+        .await
+        .unwrap();
+
+    let extra = format!(
+        "credentials = \"{}\"\nca = \"{}\"",
+        creds.display(),
+        ca.display()
+    );
+    let mut agent = Agent::start(
+        dir.path(),
+        &config("sec1", &url, dir.path(), 2, 2.0, &extra),
+    );
+    agent
+        .wait_status("configured and publishing", Duration::from_secs(15), |s| {
+            s["config"]["revision"].as_u64() == Some(rev)
+                && s["counters"]["readings_acknowledged"].as_u64() > Some(10)
+        })
+        .await;
+    let rev2 = kv
+        .put("sec1", "[sensors.s0]\nrate_hz = 10.0\n".into())
+        .await
+        .unwrap();
+    agent
+        .wait_status("a change followed", Duration::from_secs(3), |s| {
+            s["config"]["revision"].as_u64() == Some(rev2)
+        })
+        .await;
+    agent.stop();
+    let log = agent.log();
+    assert!(
+        !log.to_lowercase().contains("permissions violation"),
+        "{}",
+        tail(&log)
+    );
+    assert_eq!(drain(&consumer, Duration::from_secs(1)).await.len(), 2);
 }
