@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fleetpipe_device::live::status_subject;
-use fleetpipe_device::publish::batch::{Batcher, Sample};
+use fleetpipe_device::publish::batch::{Batcher, Sample, MAX_BATCH_READINGS};
 use fleetpipe_device::publish::buffer::Buffer;
 use fleetpipe_device::publish::spool::{Message, Spool, SpoolConfig, SpoolStats};
 use fleetpipe_device::publish::{context, Publisher};
@@ -167,10 +167,10 @@ async fn batch(
             s = input.recv() => match s {
                 Some(s) => {
                     pending.push(s);
-                    if interval.is_zero() || pending.len() >= fleetpipe_device::publish::batch::MAX_BATCH_READINGS {
-                        tick.reset_immediately();
+                    // Bounded: a full batch (or no batching) goes at once.
+                    if !interval.is_zero() && pending.len() < MAX_BATCH_READINGS {
+                        continue;
                     }
-                    continue;
                 }
                 None => open = false,
             },

@@ -632,7 +632,11 @@ async fn works_with_device_permissions_and_nothing_more() {
         .await;
     agent.stop();
     let log = agent.log();
-    assert!(!log.to_lowercase().contains("permissions violation"), "{}", tail(&log));
+    assert!(
+        !log.to_lowercase().contains("permissions violation"),
+        "{}",
+        tail(&log)
+    );
     let got = drain(&consumer, Duration::from_secs(1)).await;
     assert_eq!(got.len(), 2);
     let _ = server;
