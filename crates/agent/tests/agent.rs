@@ -576,12 +576,12 @@ async fn live_configuration_applies_within_a_second_and_bad_values_are_refused()
     }
 }
 
-/// With exactly the permissions `fleetpipe device add` grants (branch sec-nats,
+/// With exactly the permissions `fleetpipe device add` grants (
 /// `security::perms::device_permissions`): publish `vehicle.<ID>.>` and the direct get of
 /// its configuration key, subscribe `_INBOX_<ID>.>` and `$KV.fleetpipe_config.<ID>`.
-/// Written as a user with those permissions in a server config, so it runs today; once
-/// sec-nats is merged, `device_permissions_with_jwt_credentials` below does the same with
-/// a `.creds` file from `fleetpipe device add`.
+/// Written as a user with those permissions in a server config;
+/// `works_with_credentials_from_fleetpipe_device_add` below does the same with a `.creds`
+/// file from `fleetpipe device add`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn works_with_device_permissions_and_nothing_more() {
     let dir = tempfile::tempdir().unwrap();
@@ -645,14 +645,18 @@ async fn works_with_device_permissions_and_nothing_more() {
 /// The agent with nothing but what `fleetpipe device add` issues, against `fleetpipe up
 /// --secure` (JWT accounts, TLS): it publishes, acks come to its own inbox, it reads and
 /// follows its configuration key, and the server reports no permission violation.
-/// Needs the `fleetpipe` binary with `up --secure` and `device add` (branch sec-nats):
-/// `cargo build -p fleetpipe`, then run with `--ignored` (FLEETPIPE_BIN overrides its path).
+/// Needs the `fleetpipe` binary next to the agent's (`cargo test --workspace` builds it;
+/// alone: `cargo build -p fleetpipe` first; FLEETPIPE_BIN overrides its path).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs `fleetpipe up --secure` and `fleetpipe device add` (branch sec-nats): enable once merged"]
 async fn works_with_credentials_from_fleetpipe_device_add() {
     let fleetpipe = std::env::var_os("FLEETPIPE_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(BIN).with_file_name("fleetpipe"));
+    assert!(
+        fleetpipe.is_file(),
+        "{} is missing: run `cargo build -p fleetpipe` first (cargo test --workspace builds it)",
+        fleetpipe.display()
+    );
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let port = free_port();
