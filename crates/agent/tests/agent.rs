@@ -576,8 +576,8 @@ async fn live_configuration_applies_within_a_second_and_bad_values_are_refused()
     }
 }
 
-/// With exactly the permissions `fleetpipe device add` grants (
-/// `security::perms::device_permissions`): publish `vehicle.<ID>.>` and the direct get of
+/// With exactly the permissions `fleetpipe device add` grants
+/// (`security::perms::device_permissions`): publish `vehicle.<ID>.>` and the direct get of
 /// its configuration key, subscribe `_INBOX_<ID>.>` and `$KV.fleetpipe_config.<ID>`.
 /// Written as a user with those permissions in a server config;
 /// `works_with_credentials_from_fleetpipe_device_add` below does the same with a `.creds`
