@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream;
 use fleetpipe_pipeline::aggregator::Aggregator;
 use fleetpipe_pipeline::collector::Collector;
 use fleetpipe_pipeline::nats_server::{self, ManagedNats, ManagedOptions};
@@ -122,17 +122,12 @@ async fn a_secure_server_enforces_every_permission() {
     let url = server.url();
     assert!(url.starts_with("tls://"), "{url}");
 
-    // The admin creates the broker objects, and a configuration key per device.
+    // The admin creates the broker objects; a configuration key per device.
     let admin_cfg = secure.service_config(&config, Service::Admin);
     let admin = broker::connect(&url, &admin_cfg, "admin").await.unwrap();
     let b = broker::ensure(&admin, &config).await.unwrap();
-    let device_config =
-        b.js.create_key_value(kv::Config {
-            bucket: DEVICE_CONFIG_BUCKET.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    // `ensure` made the configuration bucket.
+    let device_config = b.device_config.clone();
     device_config.put("devA", "rate=1".into()).await.unwrap();
     device_config.put("devB", "rate=2".into()).await.unwrap();
 
