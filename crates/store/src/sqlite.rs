@@ -68,9 +68,13 @@ const SEAL_EVERY: Duration = Duration::from_secs(5);
 /// Readings written since the last seal that wake the sealer before [`SEAL_EVERY`].
 const SEAL_POINTS: u64 = 262_144;
 
-/// About the most readings one seal transaction moves: it holds the writer meanwhile, so
-/// this bounds how long a write can wait for a seal.
+/// About the most readings one seal round moves (a round plans its series once).
 const SEAL_TX_POINTS: u64 = 131_072;
+
+/// Most series one seal transaction moves: it holds the writer meanwhile, and its cost is
+/// mostly per series (the rollup upserts and the chunk appends), so this bounds how long a
+/// write can wait for a seal (sealing 5,000 series at once held the writer 300 ms).
+const SEAL_TX_SERIES: usize = 500;
 
 /// A [`Store`] in one SQLite file. Cheap to clone; clones share the connections.
 #[derive(Clone)]
@@ -159,27 +163,36 @@ impl Drop for Sealer {
     }
 }
 
-/// Seals everything in the hot area, in transactions of about [`SEAL_TX_POINTS`] readings,
-/// taking the writer for each.
+/// Seals everything in the hot area: rounds of about [`SEAL_TX_POINTS`] readings, each in
+/// transactions of at most [`SEAL_TX_SERIES`] series, taking the writer for each.
 fn seal_all(writer: &Mutex<Connection>) -> Result<()> {
+    let lock = || {
+        writer
+            .lock()
+            .map_err(|_| StoreError::Task("sqlite writer mutex poisoned".into()))
+    };
     loop {
         let started = std::time::Instant::now();
-        let sealed = {
-            let mut conn = writer
-                .lock()
-                .map_err(|_| StoreError::Task("sqlite writer mutex poisoned".into()))?;
-            chunked::seal(&mut conn, SEAL_TX_POINTS)?
-        };
-        if sealed.writes == 0 {
+        let planned = chunked::plan_round(&*lock()?, SEAL_TX_POINTS, SEAL_TX_SERIES)?;
+        let Some(round) = planned else {
             return Ok(());
+        };
+        let (mut longest, mut groups) = (Duration::ZERO, 0);
+        for &(first, last) in &round.groups {
+            let held = std::time::Instant::now();
+            chunked::seal_group(&mut *lock()?, round.upto, first, last)?;
+            longest = longest.max(held.elapsed());
+            groups += 1;
+            // The writer lock is not fair: without a pause this thread would take it
+            // back at once, and a write would wait for the whole round instead of one
+            // group.
+            std::thread::sleep(SEAL_PAUSE);
         }
-        // The writer lock is not fair: without a pause this thread would take it back
-        // at once, and a write would wait for the whole backlog instead of one transaction.
-        std::thread::sleep(SEAL_PAUSE);
         tracing::debug!(
-            writes = sealed.writes,
-            readings = sealed.points,
-            series = sealed.series,
+            writes = round.writes,
+            readings = round.points,
+            groups,
+            longest = ?longest,
             took = ?started.elapsed(),
             "sealed hot readings into chunks"
         );

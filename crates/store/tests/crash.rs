@@ -15,8 +15,10 @@ use fleetpipe_proto::{Reading, Timestamp};
 use fleetpipe_store::{Range, Record};
 
 const T0: i64 = 1_771_149_600_000_000;
-const SERIES: u64 = 20;
-const PER_SERIES: u64 = 200;
+/// More series than one seal transaction takes (500), so that a seal is several
+/// transactions and kills land between them too.
+const SERIES: u64 = 1_200;
+const PER_SERIES: u64 = 5;
 
 /// The new readings of batch `k`: `PER_SERIES` for each of `SERIES` series, in time order
 /// after those of batch `k - 1`.
@@ -28,7 +30,7 @@ fn fresh(k: u64) -> Vec<Record> {
             out.push(Record {
                 seq: k * SERIES * PER_SERIES + s * PER_SERIES + j + 1,
                 reading: Reading {
-                    device: format!("c{s:02}"),
+                    device: format!("c{s:04}"),
                     sensor: "v".into(),
                     value: (i % 97) as f64,
                     ts: Timestamp::from_micros(T0 + i as i64 * 100_000),
@@ -104,7 +106,7 @@ async fn sealing_survives_sigkill() {
             } else if line == "sealing" {
                 seals += 1;
                 if seals == round + 2 {
-                    std::thread::sleep(Duration::from_millis(2 * round));
+                    std::thread::sleep(Duration::from_millis(15 * round));
                     break;
                 }
             }
@@ -113,12 +115,17 @@ async fn sealing_survives_sigkill() {
         child.wait().unwrap();
         assert!(next >= 4, "round {round}: the writer wrote nothing");
 
-        let hot: i64 = rusqlite::Connection::open(&path)
+        let (writes, rows): (i64, i64) = rusqlite::Connection::open(&path)
             .unwrap()
-            .query_row("SELECT count(*) FROM hot_writes", [], |r| r.get(0))
+            .query_row(
+                "SELECT (SELECT count(*) FROM hot_writes), (SELECT count(*) FROM hot)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .unwrap();
         println!(
-            "round {round}: killed after batch {}, {hot} writes not sealed",
+            "round {round}: killed after batch {}: {writes} writes not wholly sealed, {rows} \
+             of their (write, series) rows left",
             next - 1
         );
         // Every batch reported written is stored, once; the one in flight at the kill,
@@ -136,7 +143,7 @@ async fn sealing_survives_sigkill() {
         };
         store.compact().await.unwrap();
         for s in 0..SERIES {
-            let device = format!("c{s:02}");
+            let device = format!("c{s:04}");
             let points = store
                 .history(&device, "v", everything, 1_000_000)
                 .await

@@ -390,7 +390,7 @@ pub(super) fn hot_series_points(
 /// Readings in the hot area and in chunks.
 pub(super) fn count(conn: &Connection) -> Result<u64> {
     let n: i64 = conn.query_row(
-        "SELECT (SELECT coalesce(sum(n), 0) FROM chunks) + (SELECT coalesce(sum(n), 0) FROM hot_writes)",
+        "SELECT (SELECT coalesce(sum(n), 0) FROM chunks) + (SELECT coalesce(sum(n), 0) FROM hot)",
         [],
         |r| r.get(0),
     )?;
@@ -405,35 +405,88 @@ pub(super) struct Sealed {
     pub series: u64,
 }
 
-/// Moves the oldest hot writes, up to about `max_points` readings (at least one write),
-/// into chunks and rollups, in one transaction.
-pub(super) fn seal(conn: &mut Connection, max_points: u64) -> Result<Sealed> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut report = Sealed::default();
-    let mut upto = None;
+/// One seal round: the oldest hot writes, up to about `max_points` readings (at least one
+/// write), and the series they hold, cut into groups sealed one transaction each.
+pub(super) struct Round {
+    /// The newest write the round covers.
+    pub upto: i64,
+    /// Its writes and readings.
+    pub writes: u64,
+    pub points: u64,
+    /// Inclusive ranges of series ids, each holding at most the group size of them.
+    pub groups: Vec<(i64, i64)>,
+}
+
+/// Plans a round (`None`: nothing to seal). Reads only.
+pub(super) fn plan_round(
+    conn: &Connection,
+    max_points: u64,
+    group_series: usize,
+) -> Result<Option<Round>> {
+    let (mut writes, mut points, mut upto) = (0u64, 0u64, None);
     {
-        let mut stmt = tx.prepare_cached("SELECT id, n FROM hot_writes ORDER BY id")?;
+        let mut stmt = conn.prepare_cached("SELECT id, n FROM hot_writes ORDER BY id")?;
         let mut rows = stmt.query([])?;
         while let Some(row) = rows.next()? {
             let (id, n): (i64, i64) = (row.get(0)?, row.get(1)?);
-            if upto.is_some() && report.points + n as u64 > max_points {
+            if upto.is_some() && points + n as u64 > max_points {
                 break;
             }
             upto = Some(id);
-            report.writes += 1;
-            report.points += n as u64;
+            writes += 1;
+            points += n as u64;
         }
     }
     let Some(upto) = upto else {
-        return Ok(report);
+        return Ok(None);
     };
+    let mut series: Vec<i64> = conn
+        .prepare_cached(
+            "SELECT DISTINCT h.series_id FROM hot_writes w CROSS JOIN hot h ON h.write_id = w.id
+             WHERE w.id <= ?1",
+        )?
+        .query_map([upto], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    series.sort_unstable();
+    let groups = series
+        .chunks(group_series.max(1))
+        .map(|g| (g[0], g[g.len() - 1]))
+        .collect();
+    Ok(Some(Round {
+        upto,
+        writes,
+        points,
+        groups,
+    }))
+}
+
+/// Moves the hot readings of series `first..=last` from writes up to `upto` into chunks
+/// and rollups, in one transaction, and forgets the writes left with no hot rows. A
+/// group's readings are its series' alone, so a transaction touches a bounded number of
+/// series (the cost of a seal is mostly per series) and a write waits for one group at
+/// most. Sealing a group again (another round got there first) finds nothing.
+pub(super) fn seal_group(
+    conn: &mut Connection,
+    upto: i64,
+    first: i64,
+    last: i64,
+) -> Result<Sealed> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut report = Sealed::default();
     let mut by_series: HashMap<i64, Vec<Pt>> = HashMap::new();
     {
-        let mut stmt = tx.prepare_cached("SELECT series_id, data FROM hot WHERE write_id <= ?1")?;
-        let mut rows = stmt.query([upto])?;
+        let mut stmt = tx.prepare_cached(
+            "SELECT h.series_id, h.data FROM hot_writes w CROSS JOIN hot h
+                 ON h.write_id = w.id AND h.series_id BETWEEN ?2 AND ?3
+             WHERE w.id <= ?1",
+        )?;
+        let mut rows = stmt.query(params![upto, first, last])?;
         while let Some(row) = rows.next()? {
             let series: i64 = row.get(0)?;
-            chunk::decode_into(blob(row, 1)?, by_series.entry(series).or_default())?;
+            let points = by_series.entry(series).or_default();
+            let before = points.len();
+            chunk::decode_into(blob(row, 1)?, points)?;
+            report.points += (points.len() - before) as u64;
         }
     }
     let mut series: Vec<i64> = by_series.keys().copied().collect();
@@ -448,8 +501,18 @@ pub(super) fn seal(conn: &mut Connection, max_points: u64) -> Result<Sealed> {
         fold_rollups(&tx, id, &points)?;
         place(&tx, id, points)?;
     }
-    tx.execute("DELETE FROM hot WHERE write_id <= ?1", [upto])?;
-    tx.execute("DELETE FROM hot_writes WHERE id <= ?1", [upto])?;
+    tx.execute(
+        "DELETE FROM hot WHERE (write_id, series_id) IN (
+             SELECT h.write_id, h.series_id FROM hot_writes w CROSS JOIN hot h
+                 ON h.write_id = w.id AND h.series_id BETWEEN ?2 AND ?3
+             WHERE w.id <= ?1)",
+        params![upto, first, last],
+    )?;
+    report.writes = tx.execute(
+        "DELETE FROM hot_writes WHERE id <= ?1
+             AND NOT EXISTS (SELECT 1 FROM hot h WHERE h.write_id = hot_writes.id)",
+        [upto],
+    )? as u64;
     tx.commit()?;
     Ok(report)
 }
