@@ -750,43 +750,47 @@ SELECT count(*), max(series_id) FROM gone"
     )
 }
 
-const PRUNE_ROLLUPS: &str = "
+// `$table`/`$bucket`: `rollups_1m`/`minute` or `rollups_1h`/`hour`.
+macro_rules! prune_rollups {
+    ($table:literal, $bucket:literal) => {
+        concat!(
+            "
 WITH doomed AS (
-    SELECT r.series_id, r.minute
+    SELECT r.series_id, r.",
+            $bucket,
+            "
     FROM series s
     CROSS JOIN LATERAL (
-        SELECT series_id, minute FROM rollups_1m
-        WHERE series_id = s.id AND minute < $2
+        SELECT series_id, ",
+            $bucket,
+            " FROM ",
+            $table,
+            "
+        WHERE series_id = s.id AND ",
+            $bucket,
+            " < $2
         LIMIT $3
     ) r
     WHERE s.id >= $1
     ORDER BY s.id
     LIMIT $3
 ), gone AS (
-    DELETE FROM rollups_1m d USING doomed
-    WHERE d.series_id = doomed.series_id AND d.minute = doomed.minute
+    DELETE FROM ",
+            $table,
+            " d USING doomed
+    WHERE d.series_id = doomed.series_id AND d.",
+            $bucket,
+            " = doomed.",
+            $bucket,
+            "
     RETURNING d.series_id
 )
-SELECT count(*), max(series_id) FROM gone";
-
-const PRUNE_HOURS: &str = "
-WITH doomed AS (
-    SELECT r.series_id, r.hour
-    FROM series s
-    CROSS JOIN LATERAL (
-        SELECT series_id, hour FROM rollups_1h
-        WHERE series_id = s.id AND hour < $2
-        LIMIT $3
-    ) r
-    WHERE s.id >= $1
-    ORDER BY s.id
-    LIMIT $3
-), gone AS (
-    DELETE FROM rollups_1h d USING doomed
-    WHERE d.series_id = doomed.series_id AND d.hour = doomed.hour
-    RETURNING d.series_id
-)
-SELECT count(*), max(series_id) FROM gone";
+SELECT count(*), max(series_id) FROM gone"
+        )
+    };
+}
+const PRUNE_ROLLUPS: &str = prune_rollups!("rollups_1m", "minute");
+const PRUNE_HOURS: &str = prune_rollups!("rollups_1h", "hour");
 
 // Needs no cursor: returns `$1` back.
 const PRUNE_SNAPSHOTS: &str = "

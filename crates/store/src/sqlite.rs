@@ -699,14 +699,29 @@ const RECORD_HORIZON: &str = "INSERT INTO retention_horizons (name, horizon) VAL
 // from series id `?1` on, along their primary key (`CROSS JOIN` keeps `series` the outer
 // loop), and return the series of each deleted row, so that the next chunk starts where
 // this one stopped. Snapshots are walked along their `ts` index.
-const PRUNE_ROLLUPS: &str = "DELETE FROM rollups_1m WHERE (series_id, minute) IN (
-         SELECT r.series_id, r.minute FROM series s CROSS JOIN rollups_1m r ON r.series_id = s.id
-         WHERE s.id >= ?1 AND r.minute < ?2 ORDER BY s.id LIMIT ?3)
-     RETURNING series_id";
-const PRUNE_HOURS: &str = "DELETE FROM rollups_1h WHERE (series_id, hour) IN (
-         SELECT r.series_id, r.hour FROM series s CROSS JOIN rollups_1h r ON r.series_id = s.id
-         WHERE s.id >= ?1 AND r.hour < ?2 ORDER BY s.id LIMIT ?3)
-     RETURNING series_id";
+macro_rules! prune_rollups {
+    ($table:literal, $bucket:literal) => {
+        concat!(
+            "DELETE FROM ",
+            $table,
+            " WHERE (series_id, ",
+            $bucket,
+            ") IN (
+                 SELECT r.series_id, r.",
+            $bucket,
+            " FROM series s CROSS JOIN ",
+            $table,
+            " r
+                     ON r.series_id = s.id
+                 WHERE s.id >= ?1 AND r.",
+            $bucket,
+            " < ?2 ORDER BY s.id LIMIT ?3)
+             RETURNING series_id"
+        )
+    };
+}
+const PRUNE_ROLLUPS: &str = prune_rollups!("rollups_1m", "minute");
+const PRUNE_HOURS: &str = prune_rollups!("rollups_1h", "hour");
 // Need no cursor: return `?1` back.
 const PRUNE_SNAPSHOTS: &str = "DELETE FROM snapshots WHERE (ts, device) IN (
          SELECT ts, device FROM snapshots WHERE ts < ?2 ORDER BY ts LIMIT ?3)
