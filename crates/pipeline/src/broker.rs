@@ -240,57 +240,61 @@ pub async fn ensure(client: &async_nats::Client, config: &Config) -> Result<Brok
     .await
     .context("cannot create or update the dead-letter stream")?;
 
-    let state = js
-        .create_or_update_key_value(kv::Config {
+    let state = ensure_bucket(
+        &js,
+        config,
+        kv::Config {
             bucket: names::STATE_BUCKET.into(),
             description: "fleetpipe latest state: <device>.<sensor> -> last reading".into(),
             history: 1,
-            storage: stream::StorageType::File,
-            num_replicas: config.stream.replicas,
             ..Default::default()
-        })
-        .await
-        .context("cannot create or update the latest-state KV bucket")?;
+        },
+        "latest-state KV bucket",
+    )
+    .await?;
 
-    let leases = js
-        .create_or_update_key_value(kv::Config {
+    let leases = ensure_bucket(
+        &js,
+        config,
+        kv::Config {
             bucket: names::LEASE_BUCKET.into(),
             description: "fleetpipe single-writer leases".into(),
             history: 1,
             max_age: config.aggregator.lease_ttl,
-            storage: stream::StorageType::File,
-            num_replicas: config.stream.replicas,
             ..Default::default()
-        })
-        .await
-        .context("cannot create or update the lease KV bucket")?;
+        },
+        "lease KV bucket",
+    )
+    .await?;
 
-    let tokens = js
-        .create_or_update_key_value(kv::Config {
+    let tokens = ensure_bucket(
+        &js,
+        config,
+        kv::Config {
             bucket: names::TOKEN_BUCKET.into(),
             description: "fleetpipe API tokens: <id> -> name, role, sha256 of the secret".into(),
             history: 1,
-            storage: stream::StorageType::File,
-            num_replicas: config.stream.replicas,
             ..Default::default()
-        })
-        .await
-        .context("cannot create or update the API token KV bucket")?;
+        },
+        "API token KV bucket",
+    )
+    .await?;
 
-    let device_config = js
-        .create_or_update_key_value(kv::Config {
+    let device_config = ensure_bucket(
+        &js,
+        config,
+        kv::Config {
             bucket: names::CONFIG_BUCKET.into(),
             description: "fleetpipe device configurations: <device> -> live settings (TOML)".into(),
             // A few revisions, to see what changed; devices read the newest by direct get
             // (the client sets allow_direct on KV buckets).
             history: 5,
             max_value_size: 64 * 1024,
-            storage: stream::StorageType::File,
-            num_replicas: config.stream.replicas,
             ..Default::default()
-        })
-        .await
-        .context("cannot create or update the device configuration KV bucket")?;
+        },
+        "device configuration KV bucket",
+    )
+    .await?;
 
     ensure_advisories(&js, config).await?;
     let consumer = ensure_consumer(&telemetry, consumer_config(config)).await?;
@@ -305,6 +309,30 @@ pub async fn ensure(client: &async_nats::Client, config: &Config) -> Result<Brok
     })
 }
 
+/// Creates or updates a KV bucket: `bucket` with file storage and the stream's replicas;
+/// `what` names it in the error.
+async fn ensure_bucket(
+    js: &jetstream::Context,
+    config: &Config,
+    bucket: kv::Config,
+    what: &str,
+) -> Result<kv::Store> {
+    js.create_or_update_key_value(kv::Config {
+        storage: stream::StorageType::File,
+        num_replicas: config.stream.replicas,
+        ..bucket
+    })
+    .await
+    .with_context(|| format!("cannot create or update the {what}"))
+}
+
+/// Opens a KV bucket [`ensure`] made; `hint` says how to make it.
+async fn open_bucket(js: &jetstream::Context, name: &str, hint: &str) -> Result<kv::Store> {
+    js.get_key_value(name)
+        .await
+        .with_context(|| format!("cannot open KV bucket {name}: {hint}"))
+}
+
 /// Opens the handles on the objects [`ensure`] made, creating or changing nothing: what a
 /// least-privilege service user can do (stream and consumer info only).
 pub async fn open(client: &async_nats::Client, config: &Config) -> Result<Broker> {
@@ -314,22 +342,10 @@ pub async fn open(client: &async_nats::Client, config: &Config) -> Result<Broker
         .get_stream(&config.stream.name)
         .await
         .with_context(|| format!("cannot open stream {}: {hint}", config.stream.name))?;
-    let state = js
-        .get_key_value(names::STATE_BUCKET)
-        .await
-        .with_context(|| format!("cannot open KV bucket {}: {hint}", names::STATE_BUCKET))?;
-    let leases = js
-        .get_key_value(names::LEASE_BUCKET)
-        .await
-        .with_context(|| format!("cannot open KV bucket {}: {hint}", names::LEASE_BUCKET))?;
-    let tokens = js
-        .get_key_value(names::TOKEN_BUCKET)
-        .await
-        .with_context(|| format!("cannot open KV bucket {}: {hint}", names::TOKEN_BUCKET))?;
-    let device_config = js
-        .get_key_value(names::CONFIG_BUCKET)
-        .await
-        .with_context(|| format!("cannot open KV bucket {}: {hint}", names::CONFIG_BUCKET))?;
+    let state = open_bucket(&js, names::STATE_BUCKET, hint).await?;
+    let leases = open_bucket(&js, names::LEASE_BUCKET, hint).await?;
+    let tokens = open_bucket(&js, names::TOKEN_BUCKET, hint).await?;
+    let device_config = open_bucket(&js, names::CONFIG_BUCKET, hint).await?;
     let consumer = telemetry
         .get_consumer(&config.collector.durable)
         .await
