@@ -475,12 +475,33 @@ async fn write_rows(client: &deadpool_postgres::Client, rows: &[Row<'_>]) -> Res
     Ok(u64::try_from(new).unwrap_or(0))
 }
 
+// The conflict clause of a rollup upsert on `(series_id, $bucket)`: counts add up, `last`
+// moves only to a strictly newer (ts, seq).
+macro_rules! rollup_upsert {
+    ($bucket:literal) => {
+        concat!(
+            "ON CONFLICT (series_id, ",
+            $bucket,
+            ") DO UPDATE SET
+        count = r.count + EXCLUDED.count,
+        sum = r.sum + EXCLUDED.sum,
+        min = LEAST(r.min, EXCLUDED.min),
+        max = GREATEST(r.max, EXCLUDED.max),
+        last = CASE WHEN (EXCLUDED.last_ts, EXCLUDED.last_seq) > (r.last_ts, r.last_seq)
+                    THEN EXCLUDED.last ELSE r.last END,
+        last_ts = CASE WHEN (EXCLUDED.last_ts, EXCLUDED.last_seq) > (r.last_ts, r.last_seq)
+                       THEN EXCLUDED.last_ts ELSE r.last_ts END,
+        last_seq = CASE WHEN (EXCLUDED.last_ts, EXCLUDED.last_seq) > (r.last_ts, r.last_seq)
+                        THEN EXCLUDED.last_seq ELSE r.last_seq END"
+        )
+    };
+}
 /// Inserts a batch of readings and folds the ones actually inserted into the rollups, in
 /// one statement (so atomically): minutes from the inserted rows, hours from those
 /// minutes. A batch may hold several readings of the same (series, minute): the GROUP BY
-/// merges them before the upsert. `last` moves only to a
-/// strictly newer (ts, seq).
-const WRITE_READINGS: &str = "
+/// merges them before the upsert. `last` moves only to a strictly newer (ts, seq).
+const WRITE_READINGS: &str = concat!(
+    "
 WITH ins AS (
     INSERT INTO readings (series_id, ts, seq, value, quality)
     SELECT * FROM UNNEST($1::bigint[], $2::timestamptz[], $3::bigint[], $4::float8[], $5::text[])
@@ -503,17 +524,9 @@ WITH ins AS (
     INSERT INTO rollups_1m AS r
         (series_id, minute, count, sum, min, max, last, last_ts, last_seq)
     SELECT * FROM agg
-    ON CONFLICT (series_id, minute) DO UPDATE SET
-        count = r.count + EXCLUDED.count,
-        sum = r.sum + EXCLUDED.sum,
-        min = LEAST(r.min, EXCLUDED.min),
-        max = GREATEST(r.max, EXCLUDED.max),
-        last = CASE WHEN (EXCLUDED.last_ts, EXCLUDED.last_seq) > (r.last_ts, r.last_seq)
-                    THEN EXCLUDED.last ELSE r.last END,
-        last_ts = CASE WHEN (EXCLUDED.last_ts, EXCLUDED.last_seq) > (r.last_ts, r.last_seq)
-                       THEN EXCLUDED.last_ts ELSE r.last_ts END,
-        last_seq = CASE WHEN (EXCLUDED.last_ts, EXCLUDED.last_seq) > (r.last_ts, r.last_seq)
-                        THEN EXCLUDED.last_seq ELSE r.last_seq END
+    ",
+    rollup_upsert!("minute"),
+    "
 ), up_h AS (
     INSERT INTO rollups_1h AS r
         (series_id, hour, count, sum, min, max, last, last_ts, last_seq)
@@ -529,19 +542,12 @@ WITH ins AS (
     FROM agg
     GROUP BY 1, 2
     ORDER BY 1, 2
-    ON CONFLICT (series_id, hour) DO UPDATE SET
-        count = r.count + EXCLUDED.count,
-        sum = r.sum + EXCLUDED.sum,
-        min = LEAST(r.min, EXCLUDED.min),
-        max = GREATEST(r.max, EXCLUDED.max),
-        last = CASE WHEN (EXCLUDED.last_ts, EXCLUDED.last_seq) > (r.last_ts, r.last_seq)
-                    THEN EXCLUDED.last ELSE r.last END,
-        last_ts = CASE WHEN (EXCLUDED.last_ts, EXCLUDED.last_seq) > (r.last_ts, r.last_seq)
-                       THEN EXCLUDED.last_ts ELSE r.last_ts END,
-        last_seq = CASE WHEN (EXCLUDED.last_ts, EXCLUDED.last_seq) > (r.last_ts, r.last_seq)
-                        THEN EXCLUDED.last_seq ELSE r.last_seq END
+    ",
+    rollup_upsert!("hour"),
+    "
 )
-SELECT count(*) FROM ins";
+SELECT count(*) FROM ins"
+);
 
 /// The ids of series `(device, sensor, tags)`, each returned with its position (from 1)
 /// in the arrays. jsonb equality compares tags as a set.
