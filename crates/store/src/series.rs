@@ -119,12 +119,14 @@ pub(crate) fn tags_from_json(json: &str) -> Vec<(String, String)> {
 }
 
 /// What the cache knows about one series: its id, and a fingerprint of the unit of its
-/// committed row (16 bytes with the key's padding, where the strings themselves took well
-/// over 100: a fleet of 520,000 devices × 5 sensors is 2.6 million entries). The
-/// fingerprint only decides whether to rewrite the row's unit, so 32 bits are plenty.
+/// committed row. With its key (two `u64` halves of a 128-bit fingerprint, not a `u128`,
+/// whose 16-byte alignment would pad the entry) an entry is 24 bytes, where the strings
+/// themselves took well over 100: a fleet of 520,000 devices × 5 sensors is 2.6 million
+/// entries. The fingerprint only decides whether to rewrite the row's unit, so 32 bits are
+/// plenty; a series id beyond `u32` (four billion series) is simply not cached.
 #[derive(Debug, Clone, Copy)]
 struct Cached {
-    id: i64,
+    id: u32,
     unit: u32,
 }
 
@@ -224,7 +226,7 @@ impl Plan {
 pub(crate) struct SeriesCache {
     // A std mutex: lookups and inserts are short, never held across an await, and a
     // batch takes it once, not once per reading.
-    map: Mutex<HashMap<u128, Cached>>,
+    map: Mutex<HashMap<(u64, u64), Cached>>,
     hashers: Fingerprints,
 }
 
@@ -237,9 +239,9 @@ struct Fingerprints {
 
 impl Fingerprints {
     /// Of canonical tags (see [`fleetpipe_proto::canonical_tags`]).
-    fn series(&self, device: &str, sensor: &str, tags: &[(String, String)]) -> u128 {
+    fn series(&self, device: &str, sensor: &str, tags: &[(String, String)]) -> (u64, u64) {
         let key = (device, sensor, tags);
-        (u128::from(self.high.hash_one(key)) << 64) | u128::from(self.low.hash_one(key))
+        (self.high.hash_one(key), self.low.hash_one(key))
     }
 
     fn unit(&self, unit: Option<&str>) -> u32 {
@@ -268,7 +270,7 @@ impl SeriesCache {
             refs: Vec::with_capacity(batch.len()),
             pending: Vec::new(),
         };
-        let mut pending_index: HashMap<u128, usize> = HashMap::new();
+        let mut pending_index: HashMap<(u64, u64), usize> = HashMap::new();
         for record in batch {
             let r = &record.reading;
             let f = &self.hashers;
@@ -278,7 +280,7 @@ impl SeriesCache {
                 .get(&key)
                 .filter(|c| r.unit.is_none() || f.unit(r.unit.as_deref()) == c.unit);
             if let Some(c) = hit {
-                plan.refs.push(SeriesRef::Id(c.id));
+                plan.refs.push(SeriesRef::Id(i64::from(c.id)));
                 continue;
             }
             let idx = *pending_index.entry(key).or_insert_with(|| {
@@ -308,10 +310,13 @@ impl SeriesCache {
             .map_err(|_| StoreError::Task("series cache mutex poisoned".into()))?;
         let f = &self.hashers;
         for (p, r) in pending.iter().zip(resolved) {
+            let Ok(id) = u32::try_from(r.id) else {
+                continue;
+            };
             map.insert(
                 f.series(&p.device, &p.sensor, &p.tags),
                 Cached {
-                    id: r.id,
+                    id,
                     unit: f.unit(r.unit.as_deref()),
                 },
             );
@@ -373,6 +378,37 @@ mod tests {
         let plan = cache.plan(&batch).unwrap();
         assert_eq!(plan.pending.len(), 2);
         assert_eq!(plan.pending[1].tags_json, r#"{"cpu":"cpu1","host":"h1"}"#);
+    }
+
+    /// A committed series is resolved from the cache next time, unless its id does not fit
+    /// the entry: then it stays pending (looked up each time), never wrongly resolved.
+    #[test]
+    fn remembered_series_resolve_unless_their_id_is_too_large() {
+        let record = |device: &str| Record {
+            seq: 1,
+            reading: fleetpipe_proto::Reading {
+                device: device.into(),
+                sensor: "speed".into(),
+                value: 1.0,
+                ts: Timestamp::from_micros(0),
+                unit: None,
+                quality: None,
+                tags: Vec::new().into(),
+            },
+        };
+        let cache = SeriesCache::default();
+        let batch = [record("small"), record("large")];
+        let plan = cache.plan(&batch).unwrap();
+        let resolved = [7, i64::from(u32::MAX) + 1].map(|id| Resolved {
+            id,
+            unit: None,
+            created: true,
+        });
+        cache.remember(&plan.pending, &resolved).unwrap();
+        let plan = cache.plan(&batch).unwrap();
+        assert!(matches!(plan.refs[0], SeriesRef::Id(7)));
+        assert!(matches!(plan.refs[1], SeriesRef::Pending(0)));
+        assert_eq!(std::mem::size_of::<((u64, u64), Cached)>(), 24);
     }
 
     #[test]

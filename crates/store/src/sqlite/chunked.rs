@@ -63,7 +63,7 @@ fn blob<'a>(row: &'a rusqlite::Row<'_>, i: usize) -> Result<&'a [u8]> {
 /// What this process knows of the readings stored (see the module docs).
 #[derive(Default)]
 pub(super) struct Newest {
-    map: HashMap<i64, Known>,
+    map: BySeries,
     /// Stream sequences of the readings this process wrote since `map` was last emptied.
     written: Seqs,
     /// `store_meta.generation` after this process's last write.
@@ -77,6 +77,62 @@ pub(super) struct Newest {
 struct Known {
     base: (i64, i64),
     newest: (i64, i64),
+}
+
+/// [`Known`] per series id. Series ids are SQLite rowids, handed out in order and never
+/// deleted, so a vector indexed by id holds them densely: 32 bytes a series, where a hash
+/// map took 41 at best and twice that while it grew (2.6 million series: 83 MB instead of
+/// 172 MB, and no doubling). An id that would leave the vector mostly empty (a row
+/// inserted by hand with a huge id) goes to a map instead.
+#[derive(Default)]
+struct BySeries {
+    dense: Vec<Known>,
+    sparse: HashMap<i64, Known>,
+}
+
+impl BySeries {
+    /// Marks a free slot of `dense`: no stored reading has this newest key, as timestamps
+    /// stop one microsecond short of `i64::MAX` (`series::MAX_TS_MICROS`).
+    const FREE: Known = Known {
+        base: (i64::MAX, i64::MAX),
+        newest: (i64::MAX, i64::MAX),
+    };
+
+    /// Largest `dense` may grow for `id`: twice what it holds plus some room.
+    fn dense_index(&self, id: i64) -> Option<usize> {
+        let index = usize::try_from(id).ok()?;
+        (index < self.dense.len().saturating_mul(2) + 65_536).then_some(index)
+    }
+
+    fn get(&self, id: i64) -> Option<Known> {
+        match self.dense_index(id) {
+            Some(i) => self
+                .dense
+                .get(i)
+                .copied()
+                .filter(|k| k.newest != Self::FREE.newest),
+            None => self.sparse.get(&id).copied(),
+        }
+    }
+
+    fn insert(&mut self, id: i64, known: Known) {
+        match self.dense_index(id) {
+            Some(i) => {
+                if i >= self.dense.len() {
+                    self.dense.resize(i + 1, Self::FREE);
+                }
+                self.dense[i] = known;
+            }
+            None => {
+                self.sparse.insert(id, known);
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.dense.clear();
+        self.sparse.clear();
+    }
 }
 
 /// Nothing: older than every reading.
@@ -172,12 +228,12 @@ pub(super) fn write(
     let mut new = 0u64;
     let (mut min_ts, mut max_ts) = (i64::MAX, i64::MIN);
     for g in groups {
-        let known = match (g.created, newest.map.get(&g.series)) {
+        let known = match (g.created, newest.map.get(g.series)) {
             (true, _) => Known {
                 base: NOTHING,
                 newest: NOTHING,
             },
-            (false, Some(&k)) => k,
+            (false, Some(k)) => k,
             (false, None) => {
                 let stored = newest_stored(tx, g.series)?.unwrap_or(NOTHING);
                 Known {
@@ -903,6 +959,30 @@ fn insert_all(tx: &Connection, series: i64, points: &[Pt]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Dense ids live in the vector, far-off and negative ones in the map; a slot never
+    /// written reads as unknown; nothing is returned for an id it was not given.
+    #[test]
+    fn known_by_series() {
+        let k = |n: i64| Known {
+            base: (n, n),
+            newest: (n + 1, n),
+        };
+        let mut m = BySeries::default();
+        for id in [1, 3, -5, 1 << 40, 70_000] {
+            m.insert(id, k(id));
+        }
+        assert_eq!(m.dense.len(), 4);
+        assert_eq!(m.sparse.len(), 3);
+        for id in [1, 3, -5, 1 << 40, 70_000] {
+            assert_eq!(m.get(id).map(|x| x.base), Some((id, id)), "{id}");
+        }
+        for id in [0, 2, 4, 69_999, -1, (1 << 40) + 1] {
+            assert!(m.get(id).is_none(), "{id}");
+        }
+        m.clear();
+        assert!(m.get(1).is_none() && m.get(1 << 40).is_none());
+    }
 
     #[test]
     fn sequence_ranges() {
