@@ -83,7 +83,9 @@ struct Known {
 /// deleted, so a vector indexed by id holds them densely: 32 bytes a series, where a hash
 /// map took 41 at best and twice that while it grew (2.6 million series: 83 MB instead of
 /// 172 MB, and no doubling). An id that would leave the vector mostly empty (a row
-/// inserted by hand with a huge id) goes to a map instead.
+/// inserted by hand with a huge id) goes to a map instead; once the vector has grown past
+/// it, its map entry is no longer read, which only forgets it (a forgotten series costs
+/// one lookup of what is stored, never a wrong answer).
 #[derive(Default)]
 struct BySeries {
     dense: Vec<Known>,
