@@ -257,7 +257,8 @@ pub struct SimOptions {
     /// Cap on messages per second for the whole fleet (default: each sensor's own rate).
     #[arg(long)]
     pub rate: Option<f64>,
-    /// Stop after this long (e.g. 30s, 5m).
+    /// Stop publishing after this long (e.g. 30s, 5m); under `up`, the rest keeps running
+    /// until Ctrl-C.
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
     /// NATS connections the virtual devices share.
