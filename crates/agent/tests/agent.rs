@@ -615,30 +615,7 @@ async fn works_with_device_permissions_and_nothing_more() {
         .unwrap();
     let url = format!("nats://{id}:secret@127.0.0.1:{}", server.port());
     let mut agent = Agent::start(dir.path(), &config(id, &url, dir.path(), 2, 2.0, ""));
-    agent
-        .wait_status("configured and publishing", Duration::from_secs(10), |s| {
-            s["config"]["revision"].as_u64() == Some(rev)
-                && s["counters"]["readings_acknowledged"].as_u64() > Some(10)
-        })
-        .await;
-    let rev2 = kv
-        .put(id, "[sensors.s0]\nrate_hz = 10.0\n".into())
-        .await
-        .unwrap();
-    agent
-        .wait_status("a change followed", Duration::from_secs(3), |s| {
-            s["config"]["revision"].as_u64() == Some(rev2)
-        })
-        .await;
-    agent.stop();
-    let log = agent.log();
-    assert!(
-        !log.to_lowercase().contains("permissions violation"),
-        "{}",
-        tail(&log)
-    );
-    let got = drain(&consumer, Duration::from_secs(1)).await;
-    assert_eq!(got.len(), 2);
+    follows_its_configuration(&mut agent, &kv, id, rev, Duration::from_secs(10), &consumer).await;
     let _ = server;
 }
 
@@ -747,14 +724,36 @@ async fn works_with_credentials_from_fleetpipe_device_add() {
         dir.path(),
         &config("sec1", &url, dir.path(), 2, 2.0, &extra),
     );
+    follows_its_configuration(
+        &mut agent,
+        &kv,
+        "sec1",
+        rev,
+        Duration::from_secs(15),
+        &consumer,
+    )
+    .await;
+}
+
+/// The end of both permission tests: the agent applied configuration revision `rev` and
+/// publishes (within `start`), follows a change to its key, stops, the server logged no
+/// permission violation, and both sensors' readings arrived.
+async fn follows_its_configuration(
+    agent: &mut Agent,
+    kv: &async_nats::jetstream::kv::Store,
+    id: &str,
+    rev: u64,
+    start: Duration,
+    consumer: &consumer::PullConsumer,
+) {
     agent
-        .wait_status("configured and publishing", Duration::from_secs(15), |s| {
+        .wait_status("configured and publishing", start, |s| {
             s["config"]["revision"].as_u64() == Some(rev)
                 && s["counters"]["readings_acknowledged"].as_u64() > Some(10)
         })
         .await;
     let rev2 = kv
-        .put("sec1", "[sensors.s0]\nrate_hz = 10.0\n".into())
+        .put(id, "[sensors.s0]\nrate_hz = 10.0\n".into())
         .await
         .unwrap();
     agent
@@ -769,5 +768,5 @@ async fn works_with_credentials_from_fleetpipe_device_add() {
         "{}",
         tail(&log)
     );
-    assert_eq!(drain(&consumer, Duration::from_secs(1)).await.len(), 2);
+    assert_eq!(drain(consumer, Duration::from_secs(1)).await.len(), 2);
 }
