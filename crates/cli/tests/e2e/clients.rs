@@ -47,21 +47,7 @@ async fn official_c_client_publishes_the_seed_format() {
     }
     let env = Env::sqlite();
     env.run(&["init"]);
-    let src = env.dir.path().join("publisher.c");
-    let bin = env.dir.path().join("publisher");
-    std::fs::write(&src, C_PUBLISHER).unwrap();
-    let cc = Command::new("cc")
-        .arg(&src)
-        .arg("-o")
-        .arg(&bin)
-        .arg("-lnats")
-        .output()
-        .expect("cc is needed: apt-get install gcc");
-    assert!(
-        cc.status.success(),
-        "cannot build the C publisher (apt-get install libnats-dev): {}",
-        String::from_utf8_lossy(&cc.stderr)
-    );
+    let bin = build_c_client(env.dir.path(), C_PUBLISHER);
     let _collector = env.spawn(&["collect"]);
     let status = Command::new(&bin).arg(env.nats.url()).status().unwrap();
     assert!(status.success(), "C publisher failed: {status}");

@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::api_auth::request;
+use crate::support::build_c_client;
 
 /// `fleetpipe up`, stopped with SIGTERM (never SIGKILL, which would leave its managed
 /// nats-server behind) when dropped, even by a failing assertion.
@@ -175,21 +176,7 @@ async fn c_and_python_devices_publish_with_creds_over_tls() {
     };
 
     // The official C client.
-    let src = dir.path().join("publisher.c");
-    let bin = dir.path().join("publisher");
-    std::fs::write(&src, C_PUBLISHER).unwrap();
-    let cc = Command::new("cc")
-        .arg(&src)
-        .arg("-o")
-        .arg(&bin)
-        .arg("-lnats")
-        .output()
-        .expect("cc is needed: apt-get install gcc");
-    assert!(
-        cc.status.success(),
-        "cannot build the C publisher (apt-get install libnats-dev): {}",
-        String::from_utf8_lossy(&cc.stderr)
-    );
+    let bin = build_c_client(dir.path(), C_PUBLISHER);
     let out = Command::new(&bin)
         .arg(&url)
         .arg(creds("car-c"))

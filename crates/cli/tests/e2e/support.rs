@@ -301,3 +301,24 @@ pub async fn stored_values(
     }
     out
 }
+
+/// Builds a C program against the official NATS C client (`libnats-dev`) in `dir`; returns
+/// the executable.
+pub fn build_c_client(dir: &std::path::Path, source: &str) -> PathBuf {
+    let src = dir.join("publisher.c");
+    let bin = dir.join("publisher");
+    std::fs::write(&src, source).unwrap();
+    let cc = Command::new("cc")
+        .arg(&src)
+        .arg("-o")
+        .arg(&bin)
+        .arg("-lnats")
+        .output()
+        .expect("cc is needed: apt-get install gcc");
+    assert!(
+        cc.status.success(),
+        "cannot build the C publisher (apt-get install libnats-dev): {}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
+    bin
+}
