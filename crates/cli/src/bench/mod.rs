@@ -106,6 +106,7 @@ pub async fn run(mut config: Config, store: Option<String>, a: BenchArgs) -> Res
     let machine = Machine::probe(&bin);
     let bench = Bench {
         progress: Progress::new(),
+        clock: std::sync::Mutex::new(None),
         nats_pid: find_pid_with_arg(&dir.path().join("nats")),
         config,
         payload,
@@ -155,6 +156,10 @@ struct Bench {
     payload: PayloadForm,
     dir: PathBuf,
     progress: Progress,
+    /// Where the line-protocol devices' clocks ended in the last phase (Unix
+    /// microseconds): the next phase goes on from there, so no phase sends readings over
+    /// a span another phase already covered.
+    clock: std::sync::Mutex<Option<i64>>,
 }
 
 impl Bench {
@@ -327,6 +332,12 @@ impl Bench {
         sim.rate = rate;
         sim.duration = duration;
         sim.ticks_per_message = self.ticks_per_message();
+        sim.clock_from = self
+            .clock
+            .lock()
+            .ok()
+            .and_then(|c| *c)
+            .map(|end| fleetpipe_proto::Timestamp::from_micros(end).saturating_add_micros(1));
         Ok(sim)
     }
 }

@@ -100,6 +100,9 @@ impl Bench {
             }
         };
         self.progress.end_line();
+        if let (Some(end), Ok(mut clock)) = (summary.clock_end, self.clock.lock()) {
+            *clock = Some(end);
+        }
         Ok(PhaseRun {
             sim: summary.stats,
             samples,

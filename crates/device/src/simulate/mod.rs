@@ -17,7 +17,8 @@
 //! another as fast as the acknowledgement window lets them (a rate cap still applies), so
 //! the publishers run at what the broker accepts. [`SimConfig::ticks_per_message`] makes a
 //! line-protocol device send several ticks of readings per message, as a device or Telegraf
-//! flushing a buffer does.
+//! flushing a buffer does; flat out, those ticks follow a clock of their own that starts a
+//! day back, so a device's messages never cover the same span twice.
 //!
 //! Start it with [`run`].
 //!
@@ -150,6 +151,10 @@ pub struct SimConfig {
     /// readings (a line per family and tick, each with its own timestamp), as a device or
     /// Telegraf flushing a buffer does. 1 sends every tick on its own.
     pub ticks_per_message: usize,
+    /// Flat-out line protocol: the time of the first tick (default: a day before the run).
+    /// A caller running the same fleet again passes the previous run's
+    /// [`SimSummary::clock_end`], so the devices' clocks go on from there.
+    pub clock_from: Option<Timestamp>,
     /// Closed-loop load: publishing waits while the messages published so far reach the
     /// gate's limit, which the caller raises as the consumer makes progress. For benchmarks
     /// that measure a sustained rate rather than how fast a queue grows.
@@ -224,6 +229,7 @@ impl SimConfig {
             max_messages: None,
             flat_out: false,
             ticks_per_message: 1,
+            clock_from: None,
             gate: None,
             auth: None,
         }
@@ -346,6 +352,9 @@ pub struct SimSummary {
     pub connections: usize,
     /// Payload form used.
     pub payload: PayloadForm,
+    /// Flat-out line protocol: the newest device timestamp published (Unix microseconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clock_end: Option<i64>,
 }
 
 /// Why the simulator could not run.
@@ -419,6 +428,8 @@ struct Counters {
 struct Shared {
     counters: Counters,
     stop: watch::Sender<bool>,
+    /// The newest flat-out line-protocol tick published (`i64::MIN`: none).
+    clock_end: std::sync::atomic::AtomicI64,
 }
 
 impl Shared {
@@ -479,6 +490,7 @@ where
     let shared = Arc::new(Shared {
         counters: Counters::default(),
         stop,
+        clock_end: std::sync::atomic::AtomicI64::new(i64::MIN),
     });
     let mut tasks = JoinSet::new();
     for (js, devices) in contexts.into_iter().zip(fleets) {
@@ -509,6 +521,7 @@ where
         devices: cfg.devices,
         connections,
         payload: cfg.payload,
+        clock_end: Some(shared.clock_end.load(Ordering::Relaxed)).filter(|&t| t != i64::MIN),
     };
     tracing::info!(
         published = summary.stats.published,

@@ -28,12 +28,18 @@ const MAX_STRETCH: f64 = 1e6;
 /// being woken (a safety net; raising the gate wakes it).
 const GATE_RECHECK: Duration = Duration::from_millis(50);
 
+/// Flat out, a line-protocol device's clock starts this long before the run (see
+/// [`Plan::tick_time`]).
+const FLAT_OUT_HISTORY_MICROS: i64 = 24 * 3600 * 1_000_000;
+
 /// Everything the workers share that does not change during a run.
 pub(super) struct Plan {
     /// When the run started; round 0 of the schedule begins here.
     pub(super) start: Instant,
     /// The wall-clock time at `start`, for device timestamps.
     wall_start: Timestamp,
+    /// Flat-out line protocol: the time of tick 0 (see [`Plan::tick_time`]).
+    clock_origin: Timestamp,
     /// The schedule's tick: 100 ms, stretched evenly when a rate cap is below the natural
     /// rate (never in flat-out mode, where the pacer alone applies the cap).
     tick: Duration,
@@ -60,6 +66,7 @@ impl Plan {
         let mut plan = Plan {
             start: Instant::now(),
             wall_start: Timestamp::now(),
+            clock_origin: Timestamp::now(),
             tick: TICK.mul_f64(stretch),
             cfg: cfg.clone(),
             id_width: super::id_width(cfg.devices),
@@ -78,6 +85,29 @@ impl Plan {
     pub(super) fn start_clock(&mut self) {
         self.start = Instant::now();
         self.wall_start = Timestamp::now();
+        self.clock_origin = self.cfg.clock_from.unwrap_or_else(|| {
+            self.wall_start
+                .saturating_add_micros(-FLAT_OUT_HISTORY_MICROS)
+        });
+    }
+
+    /// The device timestamp of `tick` of a device at `phase` in a flat-out line-protocol
+    /// run, or `None` in every other run (they stamp readings with the time they are sent).
+    ///
+    /// Flat out, rounds follow one another faster than real time, so stamping a message's
+    /// last tick with the time it is sent would make each message cover again most of the
+    /// span the device's previous one did, which no device does (and which makes every
+    /// message late data for the store). So the ticks keep their own clock, 100 ms apart from
+    /// [`SimConfig::clock_from`] or a day before the run, as an edge site replaying its
+    /// buffer would send them; it never runs ahead of the wall clock (once there, messages
+    /// overlap again).
+    fn tick_time(&self, tick: u64, phase: f64, now: Timestamp) -> Option<Timestamp> {
+        if !self.cfg.flat_out || self.cfg.payload != PayloadForm::LineProtocol {
+            return None;
+        }
+        let micros = (tick as f64 + phase) * self.tick.as_secs_f64() * 1e6;
+        let at = self.clock_origin.saturating_add_micros(micros as i64);
+        Some(at.min(now))
     }
 
     fn device_id(&self, index: usize) -> String {
@@ -214,7 +244,19 @@ impl Worker {
                 device.sample(tick, t, &mut self.samples);
                 self.send_each(device, &id, ts).await
             }
-            PayloadForm::LineProtocol => self.send_batch(device, &id, ticks, ts).await,
+            PayloadForm::LineProtocol => {
+                let last = ticks.end.saturating_sub(1);
+                let ts = match self.plan.tick_time(last, device.phase, ts) {
+                    Some(at) => {
+                        self.shared
+                            .clock_end
+                            .fetch_max(at.as_micros(), Ordering::Relaxed);
+                        at
+                    }
+                    None => ts,
+                };
+                self.send_batch(device, &id, ticks, ts).await
+            }
         }
     }
 
@@ -585,6 +627,49 @@ mod tests {
             (plan.tick.as_secs_f64() - 1.0).abs() < 1e-6,
             "{:?}",
             plan.tick
+        );
+    }
+
+    #[test]
+    fn flat_out_line_protocol_keeps_its_own_clock() {
+        let lp = SimConfig {
+            payload: PayloadForm::LineProtocol,
+            ticks_per_message: 50,
+            flat_out: true,
+            ..SimConfig::default()
+        };
+        let mut plan = Plan::new(&lp).unwrap();
+        plan.start_clock();
+        let now = plan.wall_start.saturating_add_micros(1_000);
+        let day_ago = plan.wall_start.as_micros() - FLAT_OUT_HISTORY_MICROS;
+        let at = |tick| plan.tick_time(tick, 0.5, now).unwrap().as_micros();
+        assert_eq!(at(0), day_ago + 50_000);
+        // Consecutive messages of a device (ticks 0..50, 50..100) do not overlap.
+        assert_eq!(at(99) - at(49), 50 * 100_000);
+        // Never ahead of the wall clock.
+        assert_eq!(at(10_000_000), now.as_micros());
+        let scheduled = Plan::new(&SimConfig {
+            flat_out: false,
+            ..lp.clone()
+        })
+        .unwrap();
+        assert_eq!(scheduled.tick_time(49, 0.5, now), None);
+        let plain = Plan::new(&SimConfig {
+            flat_out: true,
+            ..SimConfig::default()
+        })
+        .unwrap();
+        assert_eq!(plain.tick_time(0, 0.5, now), None);
+        // A second run goes on where the first one's clock ended.
+        let mut next = Plan::new(&SimConfig {
+            clock_from: Some(Timestamp::from_micros(at(99))),
+            ..lp
+        })
+        .unwrap();
+        next.start_clock();
+        assert_eq!(
+            next.tick_time(0, 0.5, now).unwrap().as_micros(),
+            at(99) + 50_000
         );
     }
 
