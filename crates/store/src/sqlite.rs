@@ -13,11 +13,11 @@
 //! checkpoint that catches up with the last commit lets the next one start the WAL over, so
 //! without that step the WAL of a store that is never idle would grow without end.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fleetpipe_proto::Timestamp;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
@@ -68,6 +68,12 @@ const SEAL_EVERY: Duration = Duration::from_secs(5);
 /// Readings written since the last seal that wake the sealer before [`SEAL_EVERY`].
 const SEAL_POINTS: u64 = 262_144;
 
+/// The sealer leaves this process's writes of the last this long in the hot area: writes
+/// commit out of stream order, and the one holding older readings, if it came after the
+/// seal, would be late data merged into sealed chunks. Those that commit within this of
+/// each other are sealed together (see `chunked::seal_group`).
+const SEAL_HOLD: Duration = Duration::from_secs(1);
+
 /// About the most readings one seal round moves (a round plans its series once).
 const SEAL_TX_POINTS: u64 = 131_072;
 
@@ -107,13 +113,48 @@ struct Sealer {
     wake: Arc<(Mutex<bool>, std::sync::Condvar)>,
     /// Readings written since the thread last started a seal.
     written: Arc<AtomicU64>,
+    /// This process's writes of the last [`SEAL_HOLD`], oldest first.
+    recent: Arc<Recent>,
+}
+
+/// Hot writes by when they committed, for [`SEAL_HOLD`].
+#[derive(Default)]
+struct Recent(Mutex<VecDeque<(i64, Instant)>>);
+
+impl Recent {
+    fn committed(&self, write_id: i64) {
+        let now = Instant::now();
+        if let Ok(mut log) = self.0.lock() {
+            Self::forget_old(&mut log, now);
+            log.push_back((write_id, now));
+        }
+    }
+
+    /// The oldest write of the last [`SEAL_HOLD`] (`i64::MAX`: none): seal only before it.
+    fn held_from(&self) -> i64 {
+        let Ok(mut log) = self.0.lock() else {
+            return i64::MAX;
+        };
+        Self::forget_old(&mut log, Instant::now());
+        log.front().map_or(i64::MAX, |&(id, _)| id)
+    }
+
+    fn forget_old(log: &mut VecDeque<(i64, Instant)>, now: Instant) {
+        while log
+            .front()
+            .is_some_and(|&(_, at)| now.duration_since(at) >= SEAL_HOLD)
+        {
+            log.pop_front();
+        }
+    }
 }
 
 impl Sealer {
     fn start(writer: Arc<Mutex<Connection>>) -> Result<Sealer> {
         let wake = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
         let written = Arc::new(AtomicU64::new(0));
-        let (flag, count) = (Arc::clone(&wake), Arc::clone(&written));
+        let recent = Arc::new(Recent::default());
+        let (flag, count, held) = (Arc::clone(&wake), Arc::clone(&written), Arc::clone(&recent));
         std::thread::Builder::new()
             .name("sqlite-sealer".into())
             .spawn(move || {
@@ -136,17 +177,25 @@ impl Sealer {
                         }
                     }
                     count.store(0, Ordering::Relaxed);
-                    if let Err(e) = seal_all(&writer) {
+                    if let Err(e) = seal_all(&writer, || held.held_from()) {
                         tracing::warn!(error = %e, "sealing the hot area failed; retrying");
                     }
                 }
             })
             .map_err(|e| StoreError::Task(format!("cannot start the sqlite sealer: {e}")))?;
-        Ok(Sealer { wake, written })
+        Ok(Sealer {
+            wake,
+            written,
+            recent,
+        })
     }
 
-    /// Counts readings just written, waking the thread when enough are waiting.
-    fn wrote(&self, points: u64) {
+    /// Counts readings just written (by hot write `write_id`), waking the thread when
+    /// enough are waiting.
+    fn wrote(&self, write_id: Option<i64>, points: u64) {
+        if let Some(id) = write_id {
+            self.recent.committed(id);
+        }
         if self.written.fetch_add(points, Ordering::Relaxed) + points >= SEAL_POINTS {
             self.wake.1.notify_all();
         }
@@ -163,9 +212,10 @@ impl Drop for Sealer {
     }
 }
 
-/// Seals everything in the hot area: rounds of about [`SEAL_TX_POINTS`] readings, each in
-/// transactions of at most [`SEAL_TX_SERIES`] series, taking the writer for each.
-fn seal_all(writer: &Mutex<Connection>) -> Result<()> {
+/// Seals the hot area's writes before `held_from()` (asked again at every round): rounds
+/// of about [`SEAL_TX_POINTS`] readings, each in transactions of at most
+/// [`SEAL_TX_SERIES`] series, taking the writer for each.
+fn seal_all(writer: &Mutex<Connection>, held_from: impl Fn() -> i64) -> Result<()> {
     let lock = || {
         writer
             .lock()
@@ -173,14 +223,15 @@ fn seal_all(writer: &Mutex<Connection>) -> Result<()> {
     };
     loop {
         let started = std::time::Instant::now();
-        let planned = chunked::plan_round(&*lock()?, SEAL_TX_POINTS, SEAL_TX_SERIES)?;
+        let below = held_from();
+        let planned = chunked::plan_round(&*lock()?, SEAL_TX_POINTS, SEAL_TX_SERIES, below)?;
         let Some(round) = planned else {
             return Ok(());
         };
-        let (mut longest, mut groups) = (Duration::ZERO, 0);
+        let (mut longest, mut groups, mut late) = (Duration::ZERO, 0, 0);
         for &(first, last) in &round.groups {
             let held = std::time::Instant::now();
-            chunked::seal_group(&mut *lock()?, round.upto, first, last)?;
+            late += chunked::seal_group(&mut *lock()?, round.upto, first, last)?.late;
             longest = longest.max(held.elapsed());
             groups += 1;
             // The writer lock is not fair: without a pause this thread would take it
@@ -192,6 +243,7 @@ fn seal_all(writer: &Mutex<Connection>) -> Result<()> {
             writes = round.writes,
             readings = round.points,
             groups,
+            late_series = late,
             longest = ?longest,
             took = ?started.elapsed(),
             "sealed hot readings into chunks"
@@ -616,12 +668,12 @@ fn write_rows(inner: &Inner, conn: &mut Connection, batch: Rows) -> Result<u64> 
         .map_err(|_| StoreError::Task("sqlite newest-reading mutex poisoned".into()))?;
     let (new, committed) = chunked::write(&tx, &mut newest, groups)?;
     tx.commit()?;
-    let points = committed.points;
+    let (points, write_id) = (committed.points, committed.write_id);
     committed.apply(&mut newest);
     // Still under the writer lock, so the cache learns series in commit order.
     inner.series.remember(&pending, &resolved)?;
     if let Some(sealer) = inner.sealer.get() {
-        sealer.wrote(points);
+        sealer.wrote(write_id, points);
     }
     Ok(new)
 }
@@ -1037,7 +1089,7 @@ impl Store for SqliteStore {
             // older than `before`'s, then the chunks of its day that start before it, a
             // few at a time.
             let writer = Arc::clone(&self.inner.writer);
-            blocking(move || seal_all(&writer)).await?;
+            blocking(move || seal_all(&writer, || i64::MAX)).await?;
             loop {
                 let step = self
                     .write(move |_, conn| {
@@ -1088,7 +1140,7 @@ impl Store for SqliteStore {
 
     async fn compact(&self) -> Result<()> {
         let writer = Arc::clone(&self.inner.writer);
-        blocking(move || seal_all(&writer)).await
+        blocking(move || seal_all(&writer, || i64::MAX)).await
     }
 
     async fn raw_horizon(&self) -> Result<Option<Timestamp>> {
@@ -1208,6 +1260,73 @@ mod tests {
             size <= 2 * WAL_SIZE_LIMIT as u64,
             "the WAL file holds {size} bytes"
         );
+    }
+
+    /// Two writes committed out of order (the later one holds the older readings): a round
+    /// of the first seals the second's rows of its series along, so neither is late data;
+    /// readings older than what is sealed still merge in.
+    #[tokio::test]
+    async fn a_seal_takes_along_later_writes_of_older_readings() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("fleet.db").to_str().unwrap())
+            .await
+            .unwrap();
+        let records = |seqs: std::ops::Range<u64>, ts0: i64| -> Vec<Record> {
+            seqs.enumerate()
+                .map(|(i, seq)| Record {
+                    seq,
+                    reading: fleetpipe_proto::Reading {
+                        device: "d1".into(),
+                        sensor: "speed".into(),
+                        value: seq as f64,
+                        ts: Timestamp::from_micros(1_700_000_000_000_000 + ts0 + i as i64),
+                        unit: None,
+                        quality: None,
+                        tags: Default::default(),
+                    },
+                })
+                .collect()
+        };
+        store.write_readings(&records(101..111, 10)).await.unwrap();
+        store.write_readings(&records(1..11, 0)).await.unwrap();
+        let seal_first_write = || {
+            let mut conn = store.inner.writer().unwrap();
+            let first: i64 = conn
+                .query_row("SELECT min(id) FROM hot_writes", [], |r| r.get(0))
+                .unwrap();
+            let round = chunked::plan_round(&conn, SEAL_TX_POINTS, SEAL_TX_SERIES, first + 1)
+                .unwrap()
+                .unwrap();
+            assert_eq!((round.upto, round.writes), (first, 1));
+            let (lo, hi) = round.groups[0];
+            chunked::seal_group(&mut conn, round.upto, lo, hi).unwrap()
+        };
+        let sealed = seal_first_write();
+        assert_eq!((sealed.points, sealed.late, sealed.writes), (20, 0, 2));
+        let hot: i64 = store
+            .inner
+            .writer()
+            .unwrap()
+            .query_row("SELECT count(*) FROM hot", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(hot, 0);
+        // Inside the span already sealed: merged into the chunk.
+        store.write_readings(&records(201..206, 5)).await.unwrap();
+        let sealed = seal_first_write();
+        assert_eq!((sealed.points, sealed.late), (5, 1));
+        assert_eq!(store.count_readings().await.unwrap(), 25);
+    }
+
+    #[test]
+    fn recent_writes_are_held_for_a_while() {
+        let recent = Recent::default();
+        assert_eq!(recent.held_from(), i64::MAX);
+        recent.committed(7);
+        recent.committed(8);
+        assert_eq!(recent.held_from(), 7);
+        let mut log = recent.0.lock().unwrap();
+        Recent::forget_old(&mut log, Instant::now() + SEAL_HOLD);
+        assert!(log.is_empty());
     }
 
     #[tokio::test]
