@@ -231,7 +231,7 @@ fn seal_all(writer: &Mutex<Connection>, held_from: impl Fn() -> i64) -> Result<(
         let (mut longest, mut groups, mut late) = (Duration::ZERO, 0, 0);
         for &(first, last) in &round.groups {
             let held = std::time::Instant::now();
-            late += chunked::seal_group(&mut *lock()?, round.upto, first, last)?.late;
+            late += chunked::seal_group(&mut *lock()?, &round, first, last)?.late;
             longest = longest.max(held.elapsed());
             groups += 1;
             // The writer lock is not fair: without a pause this thread would take it
@@ -1299,7 +1299,7 @@ mod tests {
                 .unwrap();
             assert_eq!((round.upto, round.writes), (first, 1));
             let (lo, hi) = round.groups[0];
-            chunked::seal_group(&mut conn, round.upto, lo, hi).unwrap()
+            chunked::seal_group(&mut conn, &round, lo, hi).unwrap()
         };
         let sealed = seal_first_write();
         assert_eq!((sealed.points, sealed.late, sealed.writes), (20, 0, 2));

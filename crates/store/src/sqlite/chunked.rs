@@ -478,7 +478,15 @@ pub(super) struct Round {
     pub points: u64,
     /// Inclusive ranges of series ids, each holding at most the group size of them.
     pub groups: Vec<(i64, i64)>,
+    /// The hot rows of the [`LATER_WRITES`] writes after `upto`, as `(series, write,
+    /// min_ts)` sorted: those of a group's series that overlap what it seals come along.
+    pub later: Vec<(i64, i64, i64)>,
 }
+
+/// Writes after a round's last that a seal looks at for rows to take along (see
+/// [`seal_group`]): a write that commits out of order does so within a few writes, as
+/// only the fetch workers and writers of one process race.
+const LATER_WRITES: i64 = 8;
 
 /// Plans a round of the writes before `below` (`None`: nothing to seal). Reads only.
 pub(super) fn plan_round(
@@ -517,11 +525,24 @@ pub(super) fn plan_round(
         .chunks(group_series.max(1))
         .map(|g| (g[0], g[g.len() - 1]))
         .collect();
+    // Their spans only: reading their data would cost more than the seal itself.
+    let mut later: Vec<(i64, i64, i64)> = conn
+        .prepare_cached(
+            "SELECT h.series_id, h.write_id, h.min_ts FROM
+                 (SELECT id FROM hot_writes WHERE id > ?1 ORDER BY id LIMIT ?2) w
+                 CROSS JOIN hot h ON h.write_id = w.id",
+        )?
+        .query_map([upto, LATER_WRITES], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    later.sort_unstable();
     Ok(Some(Round {
         upto,
         writes,
         points,
         groups,
+        later,
     }))
 }
 
@@ -539,10 +560,11 @@ pub(super) fn plan_round(
 /// appended in order.
 pub(super) fn seal_group(
     conn: &mut Connection,
-    upto: i64,
+    round: &Round,
     first: i64,
     last: i64,
 ) -> Result<Sealed> {
+    let upto = round.upto;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut report = Sealed::default();
     let mut by_series: HashMap<i64, Vec<Pt>> = HashMap::new();
@@ -570,34 +592,30 @@ pub(super) fn seal_group(
             )
         })
         .collect();
-    // Which later rows: their spans only (reading their data for all would cost more
-    // than the seal itself); then the data of those that overlap.
     let mut later: Vec<(i64, i64)> = Vec::new();
-    {
-        let mut stmt = tx.prepare_cached(
-            "SELECT h.write_id, h.series_id, h.min_ts FROM hot_writes w CROSS JOIN hot h
-                 ON h.write_id = w.id AND h.series_id BETWEEN ?2 AND ?3
-             WHERE w.id > ?1",
-        )?;
-        let mut rows = stmt.query(params![upto, first, last])?;
-        while let Some(row) = rows.next()? {
-            let (write, series, min_ts): (i64, i64, i64) = (row.get(0)?, row.get(1)?, row.get(2)?);
-            if newest.get(&series).is_some_and(|&newest| min_ts <= newest) {
-                later.push((write, series));
-            }
-        }
-    }
     {
         let mut stmt =
             tx.prepare_cached("SELECT data FROM hot WHERE write_id = ?1 AND series_id = ?2")?;
-        for &(write, series) in &later {
-            let points = by_series.entry(series).or_default();
-            let before = points.len();
-            let mut rows = stmt.query([write, series])?;
-            if let Some(row) = rows.next()? {
-                chunk::decode_into(blob(row, 0)?, points)?;
+        let from = round.later.partition_point(|&(series, ..)| series < first);
+        for &(series, write, min_ts) in &round.later[from..] {
+            if series > last {
+                break;
             }
-            report.points += (points.len() - before) as u64;
+            let Some(&newest) = newest.get(&series) else {
+                continue;
+            };
+            if min_ts > newest {
+                continue;
+            }
+            let mut rows = stmt.query([write, series])?;
+            // Gone if a concurrent seal (a compaction) took it.
+            if let Some(row) = rows.next()? {
+                let points = by_series.entry(series).or_default();
+                let before = points.len();
+                chunk::decode_into(blob(row, 0)?, points)?;
+                report.points += (points.len() - before) as u64;
+                later.push((write, series));
+            }
         }
     }
     let mut series: Vec<i64> = by_series.keys().copied().collect();
