@@ -495,19 +495,20 @@ pub(super) fn plan_round(
     group_series: usize,
     below: i64,
 ) -> Result<Option<Round>> {
-    let (mut writes, mut points, mut upto) = (0u64, 0u64, None);
+    let (mut writes, mut points, mut upto, mut newest) = (0u64, 0u64, None, i64::MIN);
     {
         let mut stmt =
-            conn.prepare_cached("SELECT id, n FROM hot_writes WHERE id < ?1 ORDER BY id")?;
+            conn.prepare_cached("SELECT id, n, max_ts FROM hot_writes WHERE id < ?1 ORDER BY id")?;
         let mut rows = stmt.query([below])?;
         while let Some(row) = rows.next()? {
-            let (id, n): (i64, i64) = (row.get(0)?, row.get(1)?);
+            let (id, n, max_ts): (i64, i64, i64) = (row.get(0)?, row.get(1)?, row.get(2)?);
             if upto.is_some() && points + n as u64 > max_points {
                 break;
             }
             upto = Some(id);
             writes += 1;
             points += n as u64;
+            newest = newest.max(max_ts);
         }
     }
     let Some(upto) = upto else {
@@ -525,14 +526,16 @@ pub(super) fn plan_round(
         .chunks(group_series.max(1))
         .map(|g| (g[0], g[g.len() - 1]))
         .collect();
-    // Their spans only: reading their data would cost more than the seal itself.
+    // Their spans only (reading their data would cost more than the seal itself), and only
+    // of writes holding a reading older than the round's newest (in order, none does).
     let mut later: Vec<(i64, i64, i64)> = conn
         .prepare_cached(
             "SELECT h.series_id, h.write_id, h.min_ts FROM
-                 (SELECT id FROM hot_writes WHERE id > ?1 ORDER BY id LIMIT ?2) w
-                 CROSS JOIN hot h ON h.write_id = w.id",
+                 (SELECT id, min_ts FROM hot_writes WHERE id > ?1 ORDER BY id LIMIT ?2) w
+                 CROSS JOIN hot h ON h.write_id = w.id
+             WHERE w.min_ts <= ?3",
         )?
-        .query_map([upto, LATER_WRITES], |r| {
+        .query_map([upto, LATER_WRITES, newest], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
         })?
         .collect::<rusqlite::Result<_>>()?;
