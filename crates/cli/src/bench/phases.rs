@@ -295,9 +295,15 @@ impl PhaseRun {
         let (messages_per_sec, window_secs) = self.messages_per_sec();
         let per_message = self.readings_per_message();
         let minutes = self.first_and_last_minute();
+        let cpu_cores = self.cpu_cores();
+        let readings_per_sec = messages_per_sec * per_message;
         PhaseFigures {
             messages_per_sec,
-            readings_per_sec: messages_per_sec * per_message,
+            readings_per_sec,
+            collector_us_per_reading: cpu_cores
+                .collector
+                .filter(|_| readings_per_sec > 0.0)
+                .map(|cores| cores * 1e6 / readings_per_sec),
             published_per_sec: self.sim.publish_rate,
             published_messages: self.sim.published,
             published_readings: self.sim.readings,
@@ -306,7 +312,7 @@ impl PhaseRun {
             last_minute_per_sec: minutes.map(|m| m.1),
             backlog_peak: self.samples.iter().map(|s| s.pending).max().unwrap_or(0),
             drain_secs: drain.map(|d| d.as_secs_f64()),
-            cpu_cores: self.cpu_cores(),
+            cpu_cores,
             state_updates: None,
         }
     }

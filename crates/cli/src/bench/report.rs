@@ -66,6 +66,10 @@ pub(super) struct PhaseFigures {
     pub(super) drain_secs: Option<f64>,
     /// Cores each process kept busy during the window (the machine has `machine.cpus`).
     pub(super) cpu_cores: Cpu,
+    /// Microseconds of collector CPU per reading collected: what compares two builds when
+    /// the machine's speed, and with it the ceiling, moves between runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) collector_us_per_reading: Option<f64>,
     /// Latest-state KV puts during the phase (and its drain), per message collected.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) state_updates: Option<StateUpdates>,
@@ -406,6 +410,14 @@ pub(super) fn print_report(r: &Report) {
     if other > 0.2 {
         println!(
             "  note: other work kept {other:.2} cores busy during the run; the figures are low"
+        );
+    }
+    if let (Some(p), Some(o)) = (
+        r.pipeline.collector_us_per_reading,
+        r.overload.collector_us_per_reading,
+    ) {
+        println!(
+            "  collector CPU per reading: {p:.2} µs in the pipeline phase, {o:.2} µs in overload"
         );
     }
     if let Some(u) = &r.pipeline.state_updates {
