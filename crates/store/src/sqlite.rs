@@ -228,6 +228,7 @@ fn seal_all(writer: &Mutex<Connection>, held_from: impl Fn() -> i64) -> Result<(
         let Some(round) = planned else {
             return Ok(());
         };
+        let planning = started.elapsed();
         let (mut longest, mut groups, mut late) = (Duration::ZERO, 0, 0);
         for &(first, last) in &round.groups {
             let held = std::time::Instant::now();
@@ -244,6 +245,7 @@ fn seal_all(writer: &Mutex<Connection>, held_from: impl Fn() -> i64) -> Result<(
             readings = round.points,
             groups,
             late_series = late,
+            planning = ?planning,
             longest = ?longest,
             took = ?started.elapsed(),
             "sealed hot readings into chunks"
