@@ -586,28 +586,25 @@ pub(super) fn seal_group(
             report.points += (points.len() - before) as u64;
         }
     }
-    let newest: HashMap<i64, i64> = by_series
-        .iter()
-        .map(|(&series, points)| {
-            (
-                series,
-                points.iter().map(|p| p.ts).max().unwrap_or(i64::MIN),
-            )
-        })
-        .collect();
     let mut later: Vec<(i64, i64)> = Vec::new();
     {
         let mut stmt =
             tx.prepare_cached("SELECT data FROM hot WHERE write_id = ?1 AND series_id = ?2")?;
         let from = round.later.partition_point(|&(series, ..)| series < first);
+        // The newest reading this group seals of the candidate's series, taken before any
+        // later row of it comes along (candidates are sorted by series).
+        let mut newest: Option<(i64, Option<i64>)> = None;
         for &(series, write, min_ts) in &round.later[from..] {
             if series > last {
                 break;
             }
-            let Some(&newest) = newest.get(&series) else {
-                continue;
-            };
-            if min_ts > newest {
+            if newest.is_none_or(|(s, _)| s != series) {
+                let ts = by_series
+                    .get(&series)
+                    .and_then(|points| points.iter().map(|p| p.ts).max());
+                newest = Some((series, ts));
+            }
+            if newest.and_then(|(_, ts)| ts).is_none_or(|ts| min_ts > ts) {
                 continue;
             }
             let mut rows = stmt.query([write, series])?;
