@@ -237,7 +237,7 @@ async fn drain(c: &consumer::PullConsumer, quiet: Duration) -> BTreeMap<String, 
             );
             assert!(d.rejects.is_empty(), "rejects: {:?}", d.rejects);
             for r in d.readings {
-                out.entry(r.sensor).or_default().push(Got {
+                out.entry(r.sensor.to_string()).or_default().push(Got {
                     value: r.value,
                     ts: r.ts.as_micros(),
                     unit: r.unit,

@@ -152,8 +152,8 @@ async fn check_payload_form(form: PayloadForm) {
     } else {
         assert_eq!(readings, s.published);
     }
-    let all: BTreeSet<String> = ["gps.lat", "gps.lon", "speed", "soc", "torque"]
-        .map(String::from)
+    let all: BTreeSet<fleetpipe_proto::Name> = ["gps.lat", "gps.lon", "speed", "soc", "torque"]
+        .map(fleetpipe_proto::Name::from)
         .into();
     assert_eq!(sensors, all);
     assert_eq!(devices.len(), 100, "every device publishes");
@@ -513,7 +513,7 @@ async fn line_protocol_messages_carry_several_ticks() {
         let mut keys: Vec<(String, i64)> = decoded
             .readings
             .iter()
-            .map(|r| (r.sensor.clone(), r.ts.as_micros()))
+            .map(|r| (r.sensor.to_string(), r.ts.as_micros()))
             .collect();
         keys.sort();
         keys.dedup();

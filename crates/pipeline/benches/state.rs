@@ -11,8 +11,8 @@ use fleetpipe_proto::{Reading, Timestamp};
 fn state_update(c: &mut Criterion) {
     let now = Timestamp::now();
     let reading = |i: usize, unit: Option<&str>| Reading {
-        device: format!("v{:06}", i / 5),
-        sensor: ["gps.lat", "gps.lon", "speed", "soc", "torque"][i % 5].to_string(),
+        device: format!("v{:06}", i / 5).into(),
+        sensor: ["gps.lat", "gps.lon", "speed", "soc", "torque"][i % 5].into(),
         value: 87.25 + i as f64,
         ts: now,
         unit: unit.map(str::to_string),

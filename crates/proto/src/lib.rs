@@ -26,10 +26,12 @@ pub use timestamp::Timestamp;
 /// One sensor value of one device at one instant: the unit everything downstream stores.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reading {
-    /// Device id, a single subject token (`4613`, `cnc-001`).
-    pub device: String,
+    /// Device id, a single subject token (`4613`, `cnc-001`). Shared by the readings of
+    /// one message.
+    pub device: Name,
     /// Sensor name, one or more tokens joined by `.` (`speed`, `spindle.vibration.rms`).
-    pub sensor: String,
+    /// Shared by the readings of one message that name the same sensor.
+    pub sensor: Name,
     /// The value; always finite.
     pub value: f64,
     /// The device's own time when it sent one, else the broker's receive time.
@@ -43,6 +45,115 @@ pub struct Reading {
     /// differ only in a tag value belong to two series. Shared, not copied, by the readings
     /// of one line-protocol line.
     pub tags: Tags,
+}
+
+/// A device or sensor name: an immutable string that clones without copying, so the
+/// readings of one message share one allocation per name (a line-protocol message of 250
+/// readings holds one device name and one per field, not 500 strings). Compares, hashes,
+/// orders and prints exactly as the `str` it holds.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Name(std::sync::Arc<str>);
+
+impl Name {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `a` and `b` share one allocation (not merely equal text).
+    pub fn ptr_eq(a: &Name, b: &Name) -> bool {
+        std::sync::Arc::ptr_eq(&a.0, &b.0)
+    }
+}
+
+impl std::ops::Deref for Name {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for Name {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for Name {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Name {
+    fn from(s: &str) -> Self {
+        Name(s.into())
+    }
+}
+
+impl From<String> for Name {
+    fn from(s: String) -> Self {
+        Name(s.into())
+    }
+}
+
+impl From<&String> for Name {
+    fn from(s: &String) -> Self {
+        Name(s.as_str().into())
+    }
+}
+
+impl From<Name> for String {
+    fn from(n: Name) -> Self {
+        n.0.as_ref().to_owned()
+    }
+}
+
+impl std::fmt::Debug for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl std::fmt::Display for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for Name {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for Name {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
+impl PartialEq<String> for Name {
+    fn eq(&self, other: &String) -> bool {
+        &*self.0 == other.as_str()
+    }
+}
+
+impl PartialEq<Name> for str {
+    fn eq(&self, other: &Name) -> bool {
+        self == &*other.0
+    }
+}
+
+impl PartialEq<Name> for &str {
+    fn eq(&self, other: &Name) -> bool {
+        *self == &*other.0
+    }
+}
+
+impl PartialEq<Name> for String {
+    fn eq(&self, other: &Name) -> bool {
+        self.as_str() == &*other.0
+    }
 }
 
 /// A reading's tags: `(name, value)` pairs sorted by name, each name once. Cheap to clone.

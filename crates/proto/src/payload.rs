@@ -48,7 +48,7 @@ use serde::Deserialize;
 
 use crate::subject::SubjectTemplate;
 use crate::timestamp::{Timestamp, EARLIEST};
-use crate::{Reading, Reject, RejectCode, Tags};
+use crate::{Name, Reading, Reject, RejectCode, Tags};
 
 /// Limits applied while decoding one message. Everything over them is refused with a
 /// [`Reject`], never truncated silently.
@@ -101,16 +101,17 @@ pub struct Decoded {
 
 impl Decoded {
     /// An estimate of the memory the readings and rejects hold, in bytes: each one's inline
-    /// size plus the capacity of its strings, and each tag list once however many readings
-    /// share it. For bounding a queue by bytes.
+    /// size plus the capacity of its strings, and each name and tag list once however many
+    /// readings share it. For bounding a queue by bytes.
     ///
     /// One message of `p` payload bytes on a subject whose template tags take `T` bytes (48
     /// per tag plus its name and value) decodes to at most `K·p + C` bytes, with
     /// `K = max(97, 11 + T/6)` (97 while `T ≤ 500`) and `C = 64 KiB + T`:
     ///
     /// * the densest line-protocol reading is a field `x=1,`: 4 payload bytes for a
-    ///   `Reading` (128 bytes inline) with its device (≤ 128 bytes) and sensor
-    ///   (measurement ≤ 128 bytes, `.`, key): at most 386 / 4 < 97 bytes per payload byte;
+    ///   `Reading` (112 bytes inline) with, at worst, a sensor name of its own (16 bytes
+    ///   and measurement ≤ 128 bytes, `.`, key; the device name is the message's): at most
+    ///   258 / 4 < 97 bytes per payload byte;
     /// * a line with tags of its own gets a new list: 48 bytes per `,k=v` (4 payload bytes or
     ///   more), a copy of the subject's tags and a 16-byte header, (16 + 50 + T) / 6 bytes
     ///   per byte of `a,t=v `;
@@ -127,8 +128,6 @@ impl Decoded {
             .iter()
             .map(|r| {
                 size_of::<Reading>()
-                    + r.device.capacity()
-                    + r.sensor.capacity()
                     + r.unit.as_ref().map_or(0, String::capacity)
                     + r.quality.as_ref().map_or(0, String::capacity)
             })
@@ -138,7 +137,22 @@ impl Decoded {
             .iter()
             .map(|j| size_of::<Reject>() + j.message.capacity())
             .sum();
-        readings + rejects + self.tags_bytes()
+        readings + rejects + self.tags_bytes() + self.names_bytes()
+    }
+
+    /// The bytes of the readings' device and sensor names, each once however many readings
+    /// share it.
+    fn names_bytes(&self) -> usize {
+        let mut seen: HashSet<*const u8> = HashSet::new();
+        let mut total = 0;
+        for r in &self.readings {
+            for name in [&r.device, &r.sensor] {
+                if seen.insert(name.as_ptr()) {
+                    total += 2 * size_of::<usize>() + name.len();
+                }
+            }
+        }
+        total
     }
 
     /// The bytes of the readings' tag lists, each list once however many readings share it.
@@ -231,7 +245,7 @@ pub fn decode_into(
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     let ctx = Context {
-        device: parts.device,
+        device: parts.device.into(),
         subject_tags: &subject_tags,
         tags: crate::canonical_tags(&subject_tags),
         received,
@@ -247,13 +261,10 @@ pub fn decode_into(
         }
     } else if let Ok(value) = text.parse::<f64>() {
         match finite(value) {
-            Ok(value) => out.readings.push(ctx.reading(
-                parts.sensor.to_string(),
-                value,
-                received,
-                None,
-                None,
-            )),
+            Ok(value) => {
+                out.readings
+                    .push(ctx.reading(parts.sensor.into(), value, received, None, None))
+            }
             Err(e) => out.rejects.push(e),
         }
     } else if text.contains(' ') && text.contains('=') {
@@ -304,7 +315,7 @@ fn check_subject_tags(tags: &[(&str, &str)], limits: &Limits) -> Result<(), Reje
 }
 
 struct Context<'a> {
-    device: &'a str,
+    device: Name,
     /// The subject's tags as the template names them, in subject order.
     subject_tags: &'a [(String, String)],
     /// The same, canonical, shared by the readings of a plain or JSON payload and of the
@@ -317,14 +328,14 @@ struct Context<'a> {
 impl Context<'_> {
     fn reading(
         &self,
-        sensor: String,
+        sensor: Name,
         value: f64,
         ts: Timestamp,
         unit: Option<String>,
         quality: Option<String>,
     ) -> Reading {
         Reading {
-            device: self.device.to_string(),
+            device: self.device.clone(),
             sensor,
             value,
             ts,
@@ -432,7 +443,7 @@ fn decode_json(text: &str, sensor: &str, ctx: &Context<'_>) -> Result<Reading, R
     let ts = ctx.check_time(ts)?;
     let unit = json_label("unit", json.unit)?;
     let quality = json_label("quality", json.quality)?;
-    Ok(ctx.reading(sensor.to_string(), value, ts, unit, quality))
+    Ok(ctx.reading(sensor.into(), value, ts, unit, quality))
 }
 
 /// A JSON `unit` or `quality`: short, and text every store can hold.
@@ -522,6 +533,10 @@ fn decode_line_protocol(text: &str, ctx: &Context<'_>, out: &mut Decoded) {
     // The tag section of the last line with tags, and its tags: consecutive lines of one
     // series share them.
     let mut last_tags: Option<(&str, Tags)> = None;
+    let mut names = Names {
+        device: ctx.device.clone(),
+        sensors: Vec::new(),
+    };
     let mut lines = text.lines().enumerate();
     let mut data_lines = 0;
     while let Some((n, line)) = lines.next() {
@@ -535,7 +550,15 @@ fn decode_line_protocol(text: &str, ctx: &Context<'_>, out: &mut Decoded) {
             .max_readings
             .saturating_sub(out.readings.len() - start);
         let first = out.readings.len();
-        match decode_line(line, ctx, room, &mut last_tags, &mut out.readings) {
+        let decoded = decode_line(
+            line,
+            ctx,
+            room,
+            &mut last_tags,
+            &mut names,
+            &mut out.readings,
+        );
+        match decoded {
             Ok(()) => line_starts.push((first, n + 1)),
             Err(LineError::Refused(e)) => sink.push(&mut out.rejects, e.code, || {
                 format!("line {}: {} (in {:?})", n + 1, e.message, preview(line))
@@ -683,6 +706,7 @@ fn decode_line<'t>(
     ctx: &Context<'_>,
     room: usize,
     last_tags: &mut Option<(&'t str, Tags)>,
+    names: &mut Names,
     readings: &mut Vec<Reading>,
 ) -> Result<(), LineError> {
     let (series, rest) = split_unescaped(line, b' ');
@@ -719,7 +743,7 @@ fn decode_line<'t>(
         return Err(LineError::TooManyReadings);
     }
     let start = readings.len();
-    let pushed = push_fields(fields, measurement, ts, &tags, ctx, room, readings);
+    let pushed = push_fields(fields, measurement, ts, &tags, room, names, readings);
     if pushed.is_err() {
         readings.truncate(start);
     }
@@ -808,8 +832,8 @@ fn push_fields(
     measurement: &str,
     ts: Timestamp,
     tags: &Tags,
-    ctx: &Context<'_>,
     room: usize,
+    names: &mut Names,
     readings: &mut Vec<Reading>,
 ) -> Result<(), LineError> {
     let mut pushed = 0;
@@ -834,18 +858,9 @@ fn push_fields(
         if pushed == room {
             return Err(LineError::TooManyReadings);
         }
-        let sensor = if key == "value" {
-            measurement.to_string()
-        } else {
-            let mut s = String::with_capacity(measurement.len() + 1 + key.len());
-            s.push_str(measurement);
-            s.push('.');
-            s.push_str(key);
-            s
-        };
         readings.push(Reading {
-            device: ctx.device.to_string(),
-            sensor,
+            device: names.device.clone(),
+            sensor: names.sensor(measurement, key),
             value,
             ts,
             unit: None,
@@ -855,6 +870,50 @@ fn push_fields(
         pushed += 1;
     }
     Ok(())
+}
+
+/// The names a line-protocol message's readings share: its device's, and the sensor names
+/// it has built. At most [`SHARED_SENSORS`] of these are kept and looked through: a message
+/// naming more sensors builds the others' names for each reading.
+struct Names {
+    device: Name,
+    sensors: Vec<Name>,
+}
+
+/// How many sensor names one message shares (a device's batch names a handful).
+const SHARED_SENSORS: usize = 32;
+
+impl Names {
+    /// The name of field `key` of `measurement`: `measurement.key`, or `measurement` for
+    /// the field `value`.
+    fn sensor(&mut self, measurement: &str, key: &str) -> Name {
+        let is = |name: &str| {
+            if key == "value" {
+                name == measurement
+            } else {
+                name.len() == measurement.len() + 1 + key.len()
+                    && name.starts_with(measurement)
+                    && name.as_bytes()[measurement.len()] == b'.'
+                    && name.ends_with(key)
+            }
+        };
+        if let Some(name) = self.sensors.iter().find(|n| is(n)) {
+            return name.clone();
+        }
+        let name: Name = if key == "value" {
+            measurement.into()
+        } else {
+            let mut s = String::with_capacity(measurement.len() + 1 + key.len());
+            s.push_str(measurement);
+            s.push('.');
+            s.push_str(key);
+            s.into()
+        };
+        if self.sensors.len() < SHARED_SENSORS {
+            self.sensors.push(name.clone());
+        }
+        name
+    }
 }
 
 /// Drops every reading of `out.readings[start..]` that a later one repeats (same sensor, tags

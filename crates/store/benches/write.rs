@@ -22,8 +22,8 @@ fn batch(n: usize, devices: usize, seq: &AtomicU64, now: Timestamp) -> Vec<Recor
             Record {
                 seq,
                 reading: Reading {
-                    device: format!("v{:05}", i % devices),
-                    sensor: SENSORS[(i / devices) % SENSORS.len()].to_string(),
+                    device: format!("v{:05}", i % devices).into(),
+                    sensor: SENSORS[(i / devices) % SENSORS.len()].into(),
                     value: (seq % 1000) as f64 * 0.25,
                     ts: now.saturating_add_micros(seq as i64),
                     unit: None,

@@ -29,6 +29,7 @@ use std::sync::Arc;
 use fleetpipe_proto::{Reading, Tags, Timestamp};
 
 mod chunk;
+pub mod hashing;
 mod migrations;
 mod pg_tls;
 pub mod postgres;

@@ -8,12 +8,13 @@
 //! mixing plain and JSON payloads does not make it flip back and forth.
 
 use std::collections::hash_map::RandomState;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::hash::BuildHasher;
 use std::sync::Mutex;
 
-use fleetpipe_proto::{canonical_tags, Tags, Timestamp};
+use fleetpipe_proto::{canonical_tags, Name, Tags, Timestamp};
 
+use crate::hashing::{PrehashedMap, SeriesMemo};
 use crate::{Record, Result, Snapshot, StoreError};
 
 /// Earliest instant both backends can store: PostgreSQL's `timestamptz` starts at
@@ -48,11 +49,16 @@ pub(crate) fn check_records(batch: &[Record]) -> Result<()> {
         if !ts_in_range(reading.ts) {
             return Err(invalid(i, reading, "timestamp out of range"));
         }
-        let texts = [&reading.device, &reading.sensor]
+        let texts = [reading.device.as_str(), reading.sensor.as_str()]
             .into_iter()
-            .chain(reading.unit.as_ref())
-            .chain(reading.quality.as_ref())
-            .chain(reading.tags.iter().flat_map(|(k, v)| [k, v]));
+            .chain(reading.unit.as_deref())
+            .chain(reading.quality.as_deref())
+            .chain(
+                reading
+                    .tags
+                    .iter()
+                    .flat_map(|(k, v)| [k.as_str(), v.as_str()]),
+            );
         for text in texts {
             if text.contains('\0') {
                 return Err(invalid(
@@ -142,8 +148,8 @@ pub(crate) enum SeriesRef {
 /// A series the backend must look up, create or update before writing the batch.
 #[derive(Debug, Clone)]
 pub(crate) struct Pending {
-    pub device: String,
-    pub sensor: String,
+    pub device: Name,
+    pub sensor: Name,
     /// Canonical (sorted by name, one value per name): part of the series' identity.
     pub tags: Tags,
     /// The same as stored, a JSON object with sorted keys.
@@ -226,7 +232,7 @@ impl Plan {
 pub(crate) struct SeriesCache {
     // A std mutex: lookups and inserts are short, never held across an await, and a
     // batch takes it once, not once per reading.
-    map: Mutex<HashMap<(u64, u64), Cached>>,
+    map: Mutex<PrehashedMap<(u64, u64), Cached>>,
     hashers: Fingerprints,
 }
 
@@ -270,12 +276,12 @@ impl SeriesCache {
             refs: Vec::with_capacity(batch.len()),
             pending: Vec::new(),
         };
-        let mut pending_index: HashMap<(u64, u64), usize> = HashMap::new();
+        let mut pending_index: PrehashedMap<(u64, u64), usize> = PrehashedMap::default();
+        let mut memo = SeriesMemo::default();
+        let f = &self.hashers;
         for record in batch {
             let r = &record.reading;
-            let f = &self.hashers;
-            let tags = canonical(&r.tags);
-            let key = f.series(&r.device, &r.sensor, &tags);
+            let key = memo.key(r, |r| f.series(&r.device, &r.sensor, &canonical(&r.tags)));
             let hit = map
                 .get(&key)
                 .filter(|c| r.unit.is_none() || f.unit(r.unit.as_deref()) == c.unit);
@@ -284,6 +290,7 @@ impl SeriesCache {
                 continue;
             }
             let idx = *pending_index.entry(key).or_insert_with(|| {
+                let tags = canonical(&r.tags);
                 plan.pending.push(Pending {
                     device: r.device.clone(),
                     sensor: r.sensor.clone(),

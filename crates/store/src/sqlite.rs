@@ -695,9 +695,10 @@ fn resolve_series(tx: &Connection, pending: &[Pending]) -> Result<Vec<Resolved>>
     let mut update = tx.prepare_cached("UPDATE series SET unit = ?2 WHERE id = ?1")?;
     for p in pending {
         let found = select
-            .query_row(params![p.device, p.sensor, p.tags_json], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?))
-            })
+            .query_row(
+                params![p.device.as_str(), p.sensor.as_str(), p.tags_json],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?)),
+            )
             .optional()?;
         let resolved = match found {
             Some((id, unit)) => {
@@ -708,10 +709,10 @@ fn resolve_series(tx: &Connection, pending: &[Pending]) -> Result<Vec<Resolved>>
                 merged.resolved
             }
             None => {
-                let id: i64 = insert
-                    .query_row(params![p.device, p.sensor, p.unit, p.tags_json], |r| {
-                        r.get(0)
-                    })?;
+                let id: i64 = insert.query_row(
+                    params![p.device.as_str(), p.sensor.as_str(), p.unit, p.tags_json],
+                    |r| r.get(0),
+                )?;
                 p.created(id)
             }
         };
@@ -1181,7 +1182,7 @@ mod tests {
             .map(|i| Record {
                 seq: i + 1,
                 reading: fleetpipe_proto::Reading {
-                    device: format!("d{}", i % 500),
+                    device: format!("d{}", i % 500).into(),
                     sensor: "speed".into(),
                     value: i as f64,
                     ts: Timestamp::from_micros(1_700_000_000_000_000 + i as i64),
@@ -1234,7 +1235,7 @@ mod tests {
                     Record {
                         seq: commits * 20_000 + i + 1,
                         reading: fleetpipe_proto::Reading {
-                            device: format!("d{}", i % 500),
+                            device: format!("d{}", i % 500).into(),
                             sensor: "speed".into(),
                             value: f64::from_bits(bits >> 2),
                             ts: Timestamp::from_micros(

@@ -1385,7 +1385,11 @@ async fn any_interleaving_matches_a_model(b: &Backend) {
         };
         let mut new = 0;
         for r in &batch {
-            let key = (r.reading.device.clone(), r.reading.ts.as_micros(), r.seq);
+            let key = (
+                r.reading.device.to_string(),
+                r.reading.ts.as_micros(),
+                r.seq,
+            );
             if model.insert(key, r.reading.value).is_none() {
                 new += 1;
             }

@@ -30,7 +30,7 @@ fn fresh(k: u64) -> Vec<Record> {
             out.push(Record {
                 seq: k * SERIES * PER_SERIES + s * PER_SERIES + j + 1,
                 reading: Reading {
-                    device: format!("c{s:04}"),
+                    device: format!("c{s:04}").into(),
                     sensor: "v".into(),
                     value: (i % 97) as f64,
                     ts: Timestamp::from_micros(T0 + i as i64 * 100_000),

@@ -235,7 +235,7 @@ async fn write_fleet(store: &dyn Store, now: Timestamp) {
                 batch.push(Record {
                     seq,
                     reading: Reading {
-                        device: device.to_string(),
+                        device: (*device).into(),
                         sensor: sensor.into(),
                         value,
                         ts: at,

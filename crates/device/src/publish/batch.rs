@@ -210,7 +210,7 @@ mod tests {
             .collect();
         let got_no_units: Vec<_> = got
             .iter()
-            .map(|(s, v, t, _)| (s.clone(), *v, *t, None))
+            .map(|(s, v, t, _)| (s.to_string(), *v, *t, None))
             .collect();
         assert_eq!(got_no_units, want);
         assert_eq!(got[0].3.as_deref(), Some("C"));

@@ -25,11 +25,11 @@
 //! before the window existed).
 
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fleetpipe_store::hashing::{PrehashedMap, PrehashedSet};
 use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -51,9 +51,9 @@ pub(crate) struct Coalescer {
 /// The keys with an update not put yet.
 #[derive(Default)]
 struct Dirty {
-    keys: HashMap<u64, Pending>,
+    keys: PrehashedMap<u64, Pending>,
     /// Keys with a put on its way (their new updates wait in `keys` until it lands).
-    flying: HashSet<u64>,
+    flying: PrehashedSet<u64>,
     /// The flush task has stopped: nothing submitted now would ever be put.
     closed: bool,
 }

@@ -17,7 +17,6 @@
 //! exists, that costs one read, once per key per process.
 
 use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::Mutex;
 
@@ -25,6 +24,7 @@ use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, kv};
 use async_nats::HeaderMap;
 use bytes::Bytes;
+use fleetpipe_store::hashing::{PrehashedMap, SeriesMemo};
 use fleetpipe_store::Record;
 use tokio::sync::OnceCell;
 
@@ -79,7 +79,7 @@ pub(crate) struct Latest {
     bucket: OnceCell<kv::Store>,
     acks: OnceCell<AckMux>,
     // A std mutex: a few map operations per batch, never held across an await.
-    known: Mutex<HashMap<u64, Known>>,
+    known: Mutex<PrehashedMap<u64, Known>>,
     /// Randomly keyed, so a device cannot pick names that collide with another's key.
     hasher: RandomState,
 }
@@ -90,7 +90,7 @@ impl Latest {
             js,
             bucket: OnceCell::new(),
             acks: OnceCell::new(),
-            known: Mutex::new(HashMap::new()),
+            known: Mutex::new(PrehashedMap::default()),
             hasher: RandomState::new(),
         }
     }
@@ -98,10 +98,11 @@ impl Latest {
     /// The newest reading of each series in `records`, leaving out those older than what
     /// this process already stored.
     pub(crate) fn updates(&self, records: &[Record]) -> Vec<Update> {
-        let mut newest: HashMap<u64, &Record> = HashMap::new();
+        let mut newest: PrehashedMap<u64, &Record> = PrehashedMap::default();
+        let mut memo = SeriesMemo::default();
         for rec in records {
             let r = &rec.reading;
-            let hash = self.hasher.hash_one((&r.device, &r.sensor, &r.tags));
+            let hash = memo.key(r, |r| self.hasher.hash_one((&r.device, &r.sensor, &r.tags)));
             newest
                 .entry(hash)
                 .and_modify(|cur| {

@@ -32,7 +32,7 @@ use std::time::Duration;
 use anyhow::Result;
 use async_nats::jetstream::{self, consumer::PullConsumer, Message};
 use fleetpipe_proto::payload::decode_into;
-use fleetpipe_proto::{Limits, Reject, SubjectTemplate, Timestamp};
+use fleetpipe_proto::{Limits, Name, Reading, Reject, SubjectTemplate, Timestamp};
 use fleetpipe_store::{Record, Store};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
@@ -305,12 +305,9 @@ impl Collector {
                     &self.limits,
                     &mut decoded,
                 );
-                let mut last_tags: Option<*const [(String, String)]> = None;
                 for reading in decoded.readings.drain(..) {
                     let record = Record { seq, reading };
-                    let tags = Arc::as_ptr(&record.reading.tags);
-                    bytes += record_bytes(&record, last_tags != Some(tags));
-                    last_tags = Some(tags);
+                    bytes += record_bytes(&record, records.get(start..).and_then(<[_]>::last));
                     records.push(record);
                 }
                 if !decoded.rejects.is_empty() {
@@ -384,14 +381,22 @@ fn replies(messages: &[Message]) -> Vec<async_nats::Subject> {
 }
 
 /// An estimate of the memory a decoded record holds: the struct and its strings, and its
-/// tags when `with_tags` (the readings of one line share theirs).
-fn record_bytes(r: &Record, with_tags: bool) -> usize {
+/// names and tags unless it shares them with `previous`, the record before it of the same
+/// message (the readings of one message share their device name, those of one line their
+/// tags).
+fn record_bytes(r: &Record, previous: Option<&Record>) -> usize {
     let reading = &r.reading;
+    let previous = previous.map(|p| &p.reading);
+    let name_bytes = |name: &Name, of: fn(&Reading) -> &Name| match previous {
+        Some(p) if Name::ptr_eq(of(p), name) => 0,
+        _ => 2 * std::mem::size_of::<usize>() + name.len(),
+    };
     let mut n = std::mem::size_of::<Record>()
-        + reading.device.capacity()
-        + reading.sensor.capacity()
+        + name_bytes(&reading.device, |r| &r.device)
+        + name_bytes(&reading.sensor, |r| &r.sensor)
         + reading.unit.as_ref().map_or(0, String::capacity)
         + reading.quality.as_ref().map_or(0, String::capacity);
+    let with_tags = previous.is_none_or(|p| !Arc::ptr_eq(&p.tags, &reading.tags));
     if with_tags {
         n += reading
             .tags

@@ -17,7 +17,7 @@ fn summary(d: &Decoded) -> (Vec<(String, f64, i64)>, Vec<&'static str>) {
     (
         d.readings
             .iter()
-            .map(|r| (r.sensor.clone(), r.value, r.ts.as_micros()))
+            .map(|r| (r.sensor.to_string(), r.value, r.ts.as_micros()))
             .collect(),
         d.rejects.iter().map(|r| r.code.as_str()).collect(),
     )
@@ -593,14 +593,47 @@ fn decoded_bytes_counts_shared_tags_once() {
     let d = run("vehicle.4613.speed", "95");
     let reading = std::mem::size_of::<Reading>();
     assert_eq!(
-        reading, 128,
+        reading, 112,
         "the bound in `decoded_bytes`' docs assumes it"
     );
-    // The reading, its device and sensor, and an empty tag list.
-    assert_eq!(d.decoded_bytes(), reading + 4 + 5 + 16);
+    // The reading, its device and sensor names (16 bytes of counts each), and an empty
+    // tag list.
+    assert_eq!(d.decoded_bytes(), reading + (16 + 4) + (16 + 5) + 16);
     let d = run("vehicle.4613.lp", "m,h=a x=1,y=2\nm,h=a z=3");
     let tags = 16 + 48 + 2;
-    assert_eq!(d.decoded_bytes(), 3 * (reading + 4 + 3) + tags);
+    // One device name for the message; three sensors.
+    assert_eq!(
+        d.decoded_bytes(),
+        3 * reading + (16 + 4) + 3 * (16 + 3) + tags
+    );
+}
+
+#[test]
+fn readings_of_one_message_share_their_names() {
+    let d = run(
+        "vehicle.4613.lp",
+        "m x=1,value=2 1771149000\nm x=3,value=4 1771149001\nn x=5 1771149002",
+    );
+    let r = &d.readings;
+    assert_eq!(r.len(), 5);
+    let sensors: Vec<&str> = r.iter().map(|r| r.sensor.as_str()).collect();
+    assert_eq!(sensors, ["m.x", "m", "m.x", "m", "n.x"]);
+    assert!(r.iter().all(|x| x.device.as_ptr() == r[0].device.as_ptr()));
+    assert_eq!(r[0].sensor.as_ptr(), r[2].sensor.as_ptr());
+    assert_eq!(r[1].sensor.as_ptr(), r[3].sensor.as_ptr());
+    assert_ne!(r[0].sensor.as_ptr(), r[4].sensor.as_ptr());
+    // Past the names one message shares, each reading builds its own, still right.
+    let fields: Vec<String> = (0..40).map(|i| format!("f{i}={i}")).collect();
+    let line = format!("m {} 1771149000", fields.join(","));
+    let d = run(
+        "vehicle.4613.lp",
+        &format!("{line}\n{}", line.replace("149000", "149001")),
+    );
+    assert_eq!(d.readings.len(), 80);
+    for (i, r) in d.readings.iter().enumerate() {
+        assert_eq!(r.sensor, format!("m.f{}", i % 40));
+        assert_eq!(r.value, (i % 40) as f64);
+    }
 }
 
 /// The worst cases of the bound in [`Decoded::decoded_bytes`]' docs: readings as dense as
