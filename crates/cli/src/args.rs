@@ -276,6 +276,15 @@ pub struct SimulateArgs {
     /// Stop after exactly this many messages.
     #[arg(long)]
     pub messages: Option<u64>,
+    /// Publish as fast as the broker acknowledges instead of at the sensors' own rates (to
+    /// load a backlog or measure a consumer; `--rate` still caps it). Line-protocol
+    /// messages then carry ticks 100 ms apart from a day back, never ahead of the clock.
+    #[arg(long)]
+    pub flat_out: bool,
+    /// With --payload lp: 100 ms ticks of one vehicle per message, as a device or Telegraf
+    /// flushing a buffer (1: each tick on its own).
+    #[arg(long, default_value_t = 1, value_name = "TICKS")]
+    pub lp_ticks: usize,
     /// Set a Nats-Msg-Id on every message (broker-side de-duplication).
     #[arg(long)]
     pub msg_ids: bool,

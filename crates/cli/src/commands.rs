@@ -611,6 +611,8 @@ async fn simulate_cmd(config: Config, a: SimulateArgs) -> Result<()> {
     sim.duration = a.sim.duration;
     sim.connections = a.sim.connections;
     sim.max_messages = a.messages;
+    sim.flat_out = a.flat_out;
+    sim.ticks_per_message = a.lp_ticks;
     sim.msg_ids = a.msg_ids;
     sim.template = config.template()?;
     sim.auth = sim_auth(&config);
