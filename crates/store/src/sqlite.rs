@@ -640,8 +640,9 @@ fn write_rows(inner: &Inner, conn: &mut Connection, batch: Rows) -> Result<u64> 
     for row in &mut rows {
         row.series = SeriesRef::Id(Plan::id(row.series, &resolved));
     }
-    // Stable, so of two copies of one reading in a batch the first is kept.
-    rows.sort_by_key(|r| (Plan::id(r.series, &resolved), r.ts, r.seq));
+    // Two rows with one (series, ts, seq) are copies of one reading (one stream message
+    // delivered twice), equal in value: any order of them will do.
+    rows.sort_unstable_by_key(|r| (Plan::id(r.series, &resolved), r.ts, r.seq));
     let mut groups: Vec<chunked::Group> = Vec::new();
     for row in &rows {
         let series = Plan::id(row.series, &resolved);

@@ -24,6 +24,7 @@ use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, kv};
 use async_nats::HeaderMap;
 use bytes::Bytes;
+use fleetpipe_proto::Reading;
 use fleetpipe_store::hashing::{PrehashedMap, SeriesMemo};
 use fleetpipe_store::Record;
 use tokio::sync::OnceCell;
@@ -55,18 +56,32 @@ struct Known {
     revision: u64,
 }
 
-/// One put to make: the newest reading of one series in a batch.
+/// One put to make: the newest reading of one series in a batch. Its key and value are
+/// built only when it is put: most updates are superseded by a newer one of the same
+/// series in the coalescer first.
 pub(crate) struct Update {
     /// The series, as the key of [`Latest`]'s map (a keyed hash of device, sensor, tags).
     pub(super) hash: u64,
-    key: String,
     /// What orders two readings of a series: `(ts, seq)`, the larger is newer.
     ts: i64,
     seq: u64,
-    body: Bytes,
+    reading: Reading,
 }
 
 impl Update {
+    /// The state bucket's key.
+    fn key(&self) -> String {
+        let r = &self.reading;
+        state::key(&r.device, &r.sensor, &r.tags)
+    }
+
+    /// The value to put.
+    fn body(&self) -> Bytes {
+        let mut value = StateValue::from_reading(&self.reading);
+        value.seq = self.seq;
+        Bytes::from(serde_json::to_vec(&value).unwrap_or_default())
+    }
+
     /// True when `self` is a newer reading of its series than `other`.
     pub(super) fn is_newer_than(&self, other: &Update) -> bool {
         (self.ts, self.seq) > (other.ts, other.seq)
@@ -121,17 +136,11 @@ impl Latest {
                 Some(k) => (rec.reading.ts.as_micros(), rec.seq) > (k.ts, k.seq),
                 None => true,
             })
-            .map(|(hash, rec)| {
-                let r = &rec.reading;
-                let mut value = StateValue::from_reading(r);
-                value.seq = rec.seq;
-                Update {
-                    hash,
-                    key: state::key(&r.device, &r.sensor, &r.tags),
-                    ts: r.ts.as_micros(),
-                    seq: rec.seq,
-                    body: Bytes::from(serde_json::to_vec(&value).unwrap_or_default()),
-                }
+            .map(|(hash, rec)| Update {
+                hash,
+                ts: rec.reading.ts.as_micros(),
+                seq: rec.seq,
+                reading: rec.reading.clone(),
             })
             .collect()
     }
@@ -159,7 +168,7 @@ impl Latest {
                 Some(k) => k.revision,
                 None => 0,
             };
-            messages.push((self.subject(u), expectation(expected), u.body.clone()));
+            messages.push((self.subject(u), expectation(expected), u.body()));
             sent.push(i);
         }
         if sent.is_empty() {
@@ -180,11 +189,11 @@ impl Latest {
                 Some(Ack::Stored(seq)) => self.remember(u.hash, u.ts, u.seq, seq),
                 Some(Ack::Refused(WRONG_LAST_SEQUENCE, _)) => conflicts.push(i),
                 Some(Ack::Refused(code, why)) => {
-                    tracing::warn!(code, error = %why, key = %u.key, "latest-state update refused; the batch will be redelivered");
+                    tracing::warn!(code, error = %why, key = %u.key(), "latest-state update refused; the batch will be redelivered");
                     results[i] = false;
                 }
                 None => {
-                    tracing::warn!(key = %u.key, "latest-state update not acknowledged; the batch will be redelivered");
+                    tracing::warn!(key = %u.key(), "latest-state update not acknowledged; the batch will be redelivered");
                     results[i] = false;
                 }
             }
@@ -192,7 +201,7 @@ impl Latest {
         for i in conflicts {
             let u = &updates[i];
             if let Err(e) = self.resolve_conflict(u).await {
-                tracing::warn!(error = %e, key = %u.key, "latest-state update failed; the batch will be redelivered");
+                tracing::warn!(error = %e, key = %u.key(), "latest-state update failed; the batch will be redelivered");
                 results[i] = false;
             }
         }
@@ -200,7 +209,7 @@ impl Latest {
     }
 
     fn subject(&self, u: &Update) -> String {
-        format!("$KV.{}.{}", names::STATE_BUCKET, u.key)
+        format!("$KV.{}.{}", names::STATE_BUCKET, u.key())
     }
 
     async fn acks(&self) -> Result<&AckMux, String> {
@@ -214,10 +223,7 @@ impl Latest {
     async fn resolve_conflict(&self, u: &Update) -> Result<(), String> {
         let bucket = self.bucket().await?;
         for _ in 0..MAX_ROUNDS {
-            let current = bucket
-                .entry(u.key.as_str())
-                .await
-                .map_err(|e| e.to_string())?;
+            let current = bucket.entry(u.key()).await.map_err(|e| e.to_string())?;
             let expected = match current {
                 Some(entry) => {
                     if entry.operation == kv::Operation::Put {
@@ -245,7 +251,7 @@ impl Latest {
         }
         Err(format!(
             "state key {} changed under {MAX_ROUNDS} attempts in a row",
-            u.key
+            u.key()
         ))
     }
 
@@ -255,7 +261,7 @@ impl Latest {
         expected: u64,
     ) -> Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError> {
         self.js
-            .publish_with_headers(self.subject(u), expectation(expected), u.body.clone())
+            .publish_with_headers(self.subject(u), expectation(expected), u.body())
             .await
     }
 

@@ -76,11 +76,15 @@ impl Collector {
     /// Writes a group of batches and acknowledges, dead-letters or negatively
     /// acknowledges each of their messages.
     pub(super) async fn commit(&self, mut group: Vec<DecodedBatch>, shutdown: &CancellationToken) {
-        let mut records: Vec<Record> =
-            Vec::with_capacity(group.iter().map(|b| b.records.len()).sum());
+        // The first batch's records, without a copy; the others' after them.
+        let mut records: Vec<Record> = group
+            .first_mut()
+            .map(|b| std::mem::take(&mut b.records))
+            .unwrap_or_default();
+        records.reserve(group.iter().map(|b| b.records.len()).sum());
         let mut units = Vec::new();
         for (b, batch) in group.iter_mut().enumerate() {
-            let base = records.len();
+            let base = if b == 0 { 0 } else { records.len() };
             for (m, span) in batch.spans.iter().enumerate() {
                 units.push(Unit {
                     batch: b,
