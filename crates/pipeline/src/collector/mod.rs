@@ -32,7 +32,7 @@ use std::time::Duration;
 use anyhow::Result;
 use async_nats::jetstream::{self, consumer::PullConsumer, Message};
 use fleetpipe_proto::payload::decode_into;
-use fleetpipe_proto::{Limits, Name, Reading, Reject, SubjectTemplate, Timestamp};
+use fleetpipe_proto::{Limits, Name, Reject, SubjectTemplate, Timestamp};
 use fleetpipe_store::{Record, Store};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
@@ -387,13 +387,17 @@ fn replies(messages: &[Message]) -> Vec<async_nats::Subject> {
 fn record_bytes(r: &Record, previous: Option<&Record>) -> usize {
     let reading = &r.reading;
     let previous = previous.map(|p| &p.reading);
-    let name_bytes = |name: &Name, of: fn(&Reading) -> &Name| match previous {
-        Some(p) if Name::ptr_eq(of(p), name) => 0,
-        _ => 2 * std::mem::size_of::<usize>() + name.len(),
+    // A name the previous record holds too is counted there.
+    let name_bytes = |name: &Name, theirs: Option<&Name>| {
+        if theirs.is_some_and(|t| Name::ptr_eq(t, name)) {
+            0
+        } else {
+            2 * std::mem::size_of::<usize>() + name.len()
+        }
     };
     let mut n = std::mem::size_of::<Record>()
-        + name_bytes(&reading.device, |r| &r.device)
-        + name_bytes(&reading.sensor, |r| &r.sensor)
+        + name_bytes(&reading.device, previous.map(|p| &p.device))
+        + name_bytes(&reading.sensor, previous.map(|p| &p.sensor))
         + reading.unit.as_ref().map_or(0, String::capacity)
         + reading.quality.as_ref().map_or(0, String::capacity);
     let with_tags = previous.is_none_or(|p| !Arc::ptr_eq(&p.tags, &reading.tags));
