@@ -750,6 +750,26 @@ mod tests {
     }
 
     #[test]
+    fn ticks_per_message_is_refused_outside_its_range() {
+        let lp = |ticks| SimConfig {
+            payload: PayloadForm::LineProtocol,
+            ticks_per_message: ticks,
+            ..SimConfig::default()
+        };
+        for ticks in [0, MAX_TICKS_PER_MESSAGE + 1, usize::MAX] {
+            match lp(ticks).validate() {
+                Err(SimError::Config(problems)) => assert!(
+                    problems[0].contains("ticks_per_message must be between 1 and"),
+                    "{problems:?}"
+                ),
+                other => panic!("{ticks}: expected a config error, got {other:?}"),
+            }
+        }
+        assert!(lp(1).validate().is_ok());
+        assert!(lp(MAX_TICKS_PER_MESSAGE).validate().is_ok());
+    }
+
+    #[test]
     fn reconnect_backoff_grows_and_is_capped() {
         assert_eq!(reconnect_delay(0), Duration::from_millis(100));
         assert!(reconnect_delay(3) > reconnect_delay(1));
