@@ -9,6 +9,11 @@
 //! same ids: what the stream already holds is acknowledged as a duplicate and not stored
 //! again, as long as it comes back within the stream's duplicate window (see
 //! [`SpoolStats::late_resends`]).
+//!
+//! The link going down counts as a failure at once for whatever is in flight: a publish
+//! the old server never got has no reply coming, and waiting for its acknowledgement to
+//! time out would let later messages through on the new connection first, so that the
+//! stream would hold them out of order.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -201,6 +206,9 @@ impl Spool {
                 _ = sync.tick() => self.sync(),
                 changed = self.link.changed(), if link_open => {
                     link_open = changed.is_ok();
+                    if link_open {
+                        self.rewind_on_link_change();
+                    }
                 }
                 () = sleep_until_opt(hold), if hold.is_some() => {
                     self.hold_until = None;
@@ -351,8 +359,32 @@ impl Spool {
     fn fail(&mut self, e: impl std::fmt::Display) {
         let s = &self.stats;
         s.failures.fetch_add(1, Ordering::Relaxed);
-        s.rewinds.fetch_add(1, Ordering::Relaxed);
         s.note_error(e);
+        self.rewind();
+        self.failures_in_a_row = self.failures_in_a_row.saturating_add(1);
+        let delay = backoff(
+            self.failures_in_a_row,
+            self.cfg.backoff_min,
+            self.cfg.backoff_max,
+        );
+        self.hold_until = Some(Instant::now() + delay);
+    }
+
+    /// The link went down or came back (or both, between two looks): a publish the old
+    /// server never got has no reply coming, and waiting for its acknowledgement to time
+    /// out would hold the cursor while later messages go through on the new connection,
+    /// out of order. So go back to the cursor now; the ids make the stream drop what it
+    /// already holds. Nothing is sent while the link is down.
+    fn rewind_on_link_change(&mut self) {
+        if self.in_flight.iter().any(|f| !f.done) {
+            self.rewind();
+        }
+    }
+
+    /// Forgets what is in flight and makes the oldest unacknowledged message the next to
+    /// send.
+    fn rewind(&mut self) {
+        self.stats.rewinds.fetch_add(1, Ordering::Relaxed);
         let abandoned = self.in_flight.iter().filter(|f| !f.done).count() as u64;
         if let (Some(at), true, None) = (self.first_sent, abandoned > 0, self.abandoned) {
             self.abandoned = Some((at, abandoned, self.send_next));
@@ -361,13 +393,6 @@ impl Spool {
         self.in_flight.clear();
         self.first_sent = None;
         self.send_next = self.buffer.acked();
-        self.failures_in_a_row = self.failures_in_a_row.saturating_add(1);
-        let delay = backoff(
-            self.failures_in_a_row,
-            self.cfg.backoff_min,
-            self.cfg.backoff_max,
-        );
-        self.hold_until = Some(Instant::now() + delay);
     }
 
     /// Sending `index` again: if messages abandoned at a failure are being resent after
