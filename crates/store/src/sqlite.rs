@@ -393,6 +393,29 @@ where
 impl Inner {
     fn open(path: String) -> Result<Inner> {
         create_parent_dir(&path)?;
+        // Processes opening a new file together race to switch it to WAL and migrate it;
+        // SQLite may answer busy at once where waiting could deadlock (the busy handler is
+        // then not called), so the setup, idempotent, is tried again for a while.
+        let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+        loop {
+            match Self::open_once(&path) {
+                Err(StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)))
+                    if f.code == rusqlite::ErrorCode::DatabaseBusy
+                        && std::time::Instant::now() < deadline =>
+                {
+                    // Jittered by the clock, so that two openers do not retry in step.
+                    let jitter = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| u64::from(d.subsec_micros()) % 80);
+                    std::thread::sleep(Duration::from_millis(20 + jitter));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn open_once(path: &str) -> Result<Inner> {
+        let path = path.to_string();
         let mut conn = Connection::open(&path)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
