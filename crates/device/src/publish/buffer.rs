@@ -13,7 +13,8 @@
 //! temporary file, fsynced and renamed). The newest segment is never deleted, so the next
 //! index survives even when everything was acknowledged.
 //!
-//! Durability (see [`Buffer::sync`], called every `sync_interval` by the spool): appended
+//! Durability (see [`Buffer::sync`], run every `sync_interval` by the spool on a blocking
+//! thread through [`Buffer::sync_job`], so that a slow fsync never stalls the agent): appended
 //! records reach the OS at once and the disk at the next sync (and when a segment is
 //! sealed); the acknowledged cursor reaches the disk at the next sync. A power cut loses at
 //! most one interval of appended readings, and replays at most one interval of
@@ -328,25 +329,51 @@ impl Buffer {
     /// segment when written to, and the cursor file (temporary file, fsync, rename, fsync
     /// of the directory) when it changed.
     pub fn sync(&mut self) -> io::Result<()> {
-        if self.dirty {
-            self.active.sync_data()?;
-            self.dirty = false;
-        }
-        let cursor = (self.acked, self.next, self.dropped);
-        if cursor != self.synced_cursor {
-            let tmp = self.dir.join("cursor.tmp");
-            let text = format!(
-                "{} {} {} {}\n",
-                self.acked, self.next, self.dropped.messages, self.dropped.readings
-            );
-            let mut f = File::create(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            fs::rename(&tmp, self.dir.join("cursor"))?;
-            sync_dir(&self.dir)?;
-            self.synced_cursor = cursor;
+        if let Some(job) = self.sync_job()? {
+            if let Err(e) = job.run() {
+                self.sync_failed();
+                return Err(e);
+            }
+            self.synced(&job);
         }
         Ok(())
+    }
+
+    /// What [`Buffer::sync`] would do, to run on another thread ([`SyncJob::run`], then
+    /// [`Buffer::synced`]): fsyncs take seconds on slow flash, and the agent's one runtime
+    /// thread must not wait for them. `None` when nothing changed since the last sync.
+    /// Records appended meanwhile are made durable by the next sync.
+    pub fn sync_job(&mut self) -> io::Result<Option<SyncJob>> {
+        let data = if self.dirty {
+            Some(self.active.try_clone()?)
+        } else {
+            None
+        };
+        let cursor = (self.acked, self.next, self.dropped);
+        let cursor = (cursor != self.synced_cursor).then_some(cursor);
+        if data.is_none() && cursor.is_none() {
+            return Ok(None);
+        }
+        self.dirty = false;
+        Ok(Some(SyncJob {
+            dir: self.dir.clone(),
+            data,
+            cursor,
+        }))
+    }
+
+    /// Records what `job` made durable, once [`SyncJob::run`] succeeded. After a failure,
+    /// do not call it: the next sync writes the cursor again, and the records appended
+    /// before it are synced with the next ones (an fsync covers all of the file).
+    pub fn synced(&mut self, job: &SyncJob) {
+        if let Some(cursor) = job.cursor {
+            self.synced_cursor = cursor;
+        }
+    }
+
+    /// Marks the active segment as written to, after a failed [`SyncJob`].
+    pub fn sync_failed(&mut self) {
+        self.dirty = true;
     }
 
     fn roll(&mut self) -> io::Result<()> {
@@ -415,6 +442,34 @@ impl Buffer {
 
 fn segment_path(dir: &Path, first: u64) -> PathBuf {
     dir.join(format!("seg-{first:020}.log"))
+}
+
+/// The fsyncs of one [`Buffer::sync`], taken out of the buffer (see [`Buffer::sync_job`]).
+pub struct SyncJob {
+    dir: PathBuf,
+    /// The active segment, when appended to since the last sync.
+    data: Option<File>,
+    /// The cursor to write, when it changed: `(acked, next, dropped)`.
+    cursor: Option<(u64, u64, Dropped)>,
+}
+
+impl SyncJob {
+    /// Blocks until the data and the cursor are on disk.
+    pub fn run(&self) -> io::Result<()> {
+        if let Some(active) = &self.data {
+            active.sync_data()?;
+        }
+        if let Some((acked, next, dropped)) = self.cursor {
+            let tmp = self.dir.join("cursor.tmp");
+            let text = format!("{acked} {next} {} {}\n", dropped.messages, dropped.readings);
+            let mut f = File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            fs::rename(&tmp, self.dir.join("cursor"))?;
+            sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -589,6 +644,36 @@ mod tests {
         drop(b);
         let mut b = Buffer::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(b.append("s", b"1", 1).unwrap(), 100);
+    }
+
+    /// The sync the spool runs on a blocking thread does what `sync` does, and only what
+    /// changed.
+    #[test]
+    fn a_sync_job_makes_the_same_state_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = Buffer::open(dir.path(), 1 << 20).unwrap();
+        fill(&mut b, 10);
+        b.ack_below(4).unwrap();
+        let job = b
+            .sync_job()
+            .unwrap()
+            .expect("appends and a new cursor to sync");
+        // Appended while the job runs: not covered by it, so the next sync has work.
+        fill(&mut b, 1);
+        std::thread::spawn(move || job.run().map(|()| job))
+            .join()
+            .unwrap()
+            .map(|job| b.synced(&job))
+            .unwrap();
+        let next = b.sync_job().unwrap().expect("the later append");
+        assert!(next.data.is_some());
+        assert_eq!(next.cursor, Some((4, 11, Dropped::default())));
+        next.run().unwrap();
+        b.synced(&next);
+        assert!(b.sync_job().unwrap().is_none(), "nothing changed since");
+        drop(b);
+        let b = Buffer::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!((b.acked(), b.next_index()), (4, 11));
     }
 
     #[test]

@@ -203,7 +203,7 @@ impl Spool {
                 Some(acked) = self.publisher.next_ack(), if self.publisher.in_flight() > 0 => {
                     self.on_ack(acked);
                 }
-                _ = sync.tick() => self.sync(),
+                _ = sync.tick() => self.sync_off_thread().await,
                 changed = self.link.changed(), if link_open => {
                     link_open = changed.is_ok();
                     if link_open {
@@ -245,10 +245,37 @@ impl Spool {
 
     fn sync(&mut self) {
         if let Err(e) = self.buffer.sync() {
-            self.stats.buffer_errors.fetch_add(1, Ordering::Relaxed);
-            self.stats
-                .note_error(format_args!("buffer sync failed: {e}"));
+            self.sync_error(e);
         }
+    }
+
+    /// [`Spool::sync`] with the fsyncs on a blocking thread: on slow flash they take
+    /// seconds, and the agent's single runtime thread (sensors, link, live configuration)
+    /// must not stop for them. The spool itself waits, so nothing touches the buffer
+    /// meanwhile.
+    async fn sync_off_thread(&mut self) {
+        let job = match self.buffer.sync_job() {
+            Ok(Some(job)) => job,
+            Ok(None) => return,
+            Err(e) => return self.sync_error(e),
+        };
+        match tokio::task::spawn_blocking(move || job.run().map(|()| job)).await {
+            Ok(Ok(job)) => self.buffer.synced(&job),
+            Ok(Err(e)) => {
+                self.buffer.sync_failed();
+                self.sync_error(e);
+            }
+            Err(e) => {
+                self.buffer.sync_failed();
+                self.sync_error(e);
+            }
+        }
+    }
+
+    fn sync_error(&self, e: impl std::fmt::Display) {
+        self.stats.buffer_errors.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .note_error(format_args!("buffer sync failed: {e}"));
     }
 
     fn publish_gauges(&self) {
