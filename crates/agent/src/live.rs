@@ -1,7 +1,9 @@
 //! Follows the device's key in the KV bucket `fleetpipe_config` with what device
 //! credentials allow: a core subscription on the key's subject says a put happened, and a
 //! direct get reads the newest value with its revision (also at start, after every
-//! reconnect and every minute, so nothing missed while offline is missed for good).
+//! reconnect and every minute, so nothing missed while offline is missed for good). The
+//! notice can come before the stream has stored the put, so after one the key is read
+//! again every 100 ms for up to a second until a new revision shows.
 //!
 //! A value is applied at once to the sensor tasks' settings (their `watch` channels), or
 //! refused with its reason: the last good one stays in force. Either way the agent
@@ -23,6 +25,14 @@ use crate::config::{Config, Effective};
 /// Safety net: read the key this often even without a notification.
 const POLL: Duration = Duration::from_secs(60);
 const GET_TIMEOUT: Duration = Duration::from_secs(3);
+/// Wait before reading again after a failed read.
+const RETRY: Duration = Duration::from_millis(500);
+/// A put's notice (a core message on the key's subject) can arrive before the stream has
+/// stored the put, so a read right after it may still find the old value: read again
+/// this often, this many times (a second in all), before waiting for the next notice or
+/// the poll.
+const NOTICE_RETRY: Duration = Duration::from_millis(100);
+const NOTICE_RETRIES: u32 = 10;
 
 /// The live configuration's state, for the status file.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -109,6 +119,9 @@ impl Live {
         let mut poll = tokio::time::interval(POLL);
         let mut due = true;
         let mut link_open = true;
+        // Reads left to find the put a notice announced (see NOTICE_RETRIES).
+        let mut notices = 0;
+        let mut retry_in = RETRY;
         loop {
             if *stop.borrow() {
                 return;
@@ -116,16 +129,25 @@ impl Live {
             if due && *self.link.borrow() {
                 due = false;
                 match fetch(&self.client, &device).await {
-                    Ok(value) => self.consider(value).await,
+                    Ok(value) => {
+                        if self.consider(value).await {
+                            notices = 0;
+                        } else if notices > 0 {
+                            notices -= 1;
+                            due = true;
+                            retry_in = NOTICE_RETRY;
+                        }
+                    }
                     Err(e) => {
                         tracing::debug!(error = %e, "cannot read the live configuration");
                         due = true;
+                        retry_in = RETRY;
                     }
                 }
             }
             let retry = async {
                 if due {
-                    tokio::time::sleep(Duration::from_millis(500)).await
+                    tokio::time::sleep(retry_in).await
                 } else {
                     std::future::pending().await
                 }
@@ -134,6 +156,7 @@ impl Live {
                 m = sub.next() => {
                     if m.is_none() { return; }
                     due = true;
+                    notices = NOTICE_RETRIES;
                     // Several puts in a row: read once, the newest.
                     while let Some(Some(_)) = sub.next().now_or_never() {}
                 }
@@ -148,8 +171,9 @@ impl Live {
         }
     }
 
-    /// Applies `value` if it is new and valid, refuses it otherwise.
-    async fn consider(&mut self, value: Option<(u64, Bytes)>) {
+    /// Applies `value` if it is new and valid, refuses it otherwise. False when it is what
+    /// this agent already has (applied or refused, or no value for no value).
+    async fn consider(&mut self, value: Option<(u64, Bytes)>) -> bool {
         let current = self
             .state
             .lock()
@@ -161,11 +185,12 @@ impl Live {
                 self.install(&LiveConfig::default(), 0);
                 let _ = std::fs::remove_file(self.cfg.live_cache_path());
                 self.report().await;
+                return true;
             }
-            return;
+            return false;
         };
         if revision == current.0 || Some(revision) == current.1 {
-            return;
+            return false;
         }
         let text = String::from_utf8_lossy(&body);
         let parsed = LiveConfig::from_toml(&text)
@@ -197,6 +222,7 @@ impl Live {
             }
         }
         self.report().await;
+        true
     }
 
     fn install(&mut self, live: &LiveConfig, revision: u64) {
