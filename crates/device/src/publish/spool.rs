@@ -259,12 +259,11 @@ impl Spool {
             Ok(None) => return,
             Err(e) => return self.sync_error(e),
         };
-        match tokio::task::spawn_blocking(move || job.run().map(|()| job)).await {
-            Ok(Ok(job)) => self.buffer.synced(&job),
-            Ok(Err(e)) => {
-                self.buffer.sync_failed();
-                self.sync_error(e);
-            }
+        let done = tokio::task::spawn_blocking(move || job.run().map(|()| job))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        match done {
+            Ok(job) => self.buffer.synced(&job),
             Err(e) => {
                 self.buffer.sync_failed();
                 self.sync_error(e);
