@@ -34,6 +34,7 @@ mod migrations;
 mod pg_tls;
 pub mod postgres;
 mod series;
+pub mod series_index;
 pub mod sqlite;
 
 /// A reading together with the stream sequence of the message that carried it.
@@ -376,6 +377,13 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 pub trait Store: Send + Sync + 'static {
     /// `"sqlite"` or `"postgres"`.
     fn kind(&self) -> &'static str;
+
+    /// The index of series this store finds series by, so that callers keeping state per
+    /// series (the collector's latest state) share its one hash table. A store that keeps
+    /// none returns an index of its own.
+    fn series_index(&self) -> Arc<series_index::SeriesIndex> {
+        Arc::default()
+    }
 
     /// Durably and idempotently writes a batch of readings; reads and rollups reflect
     /// them as soon as it returns. Returns how many readings were new.

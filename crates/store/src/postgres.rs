@@ -815,6 +815,10 @@ impl Store for PgStore {
         "postgres"
     }
 
+    fn series_index(&self) -> std::sync::Arc<crate::series_index::SeriesIndex> {
+        self.series.index()
+    }
+
     async fn write_readings(&self, batch: &[Record]) -> Result<u64> {
         let admitted = self.admit(batch).await;
         let batch = &admitted[..];

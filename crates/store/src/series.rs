@@ -10,11 +10,12 @@
 use std::collections::hash_map::RandomState;
 use std::collections::BTreeMap;
 use std::hash::BuildHasher;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use fleetpipe_proto::{canonical_tags, Name, Tags, Timestamp};
+use fleetpipe_proto::{Name, Tags, Timestamp};
 
-use crate::hashing::{PrehashedMap, SeriesMemo};
+use crate::hashing::PrehashedMap;
+use crate::series_index::{canonical, BySlot, SeriesIndex, SeriesSlot};
 use crate::{Record, Result, Snapshot, StoreError};
 
 /// Earliest instant both backends can store: PostgreSQL's `timestamptz` starts at
@@ -125,15 +126,18 @@ pub(crate) fn tags_from_json(json: &str) -> Vec<(String, String)> {
 }
 
 /// What the cache knows about one series: its id, and a fingerprint of the unit of its
-/// committed row. With its key (two `u64` halves of a 128-bit fingerprint, not a `u128`,
-/// whose 16-byte alignment would pad the entry) an entry is 24 bytes, where the strings
-/// themselves took well over 100: a fleet of 520,000 devices × 5 sensors is 2.6 million
-/// entries. The fingerprint only decides whether to rewrite the row's unit, so 32 bits are
-/// plenty; a series id beyond `u32` (four billion series) is simply not cached.
-#[derive(Debug, Clone, Copy)]
+/// committed row, 8 bytes in a vector indexed by the process's [`SeriesIndex`] (2.6
+/// million series: 21 MB). The fingerprint only decides whether to rewrite the row's unit,
+/// so 32 bits are plenty; a series id beyond `u32` (four billion series) is simply not
+/// cached. Ids start at 1, so id 0 marks a series not cached.
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct Cached {
     id: u32,
     unit: u32,
+}
+
+impl Cached {
+    const NONE: Cached = Cached { id: 0, unit: 0 };
 }
 
 /// How a reading of a batch refers to its series.
@@ -148,6 +152,8 @@ pub(crate) enum SeriesRef {
 /// A series the backend must look up, create or update before writing the batch.
 #[derive(Debug, Clone)]
 pub(crate) struct Pending {
+    /// Where the series is in the process's [`SeriesIndex`].
+    pub slot: SeriesSlot,
     pub device: Name,
     pub sensor: Name,
     /// Canonical (sorted by name, one value per name): part of the series' identity.
@@ -224,74 +230,64 @@ impl Plan {
 /// that matters: at worst its unit lags behind a concurrent writer's, and the next reading
 /// that carries a different one updates the row again.
 ///
-/// Keys are 128-bit fingerprints of `(device, sensor, tags)` under keys drawn at random for
-/// each process, not the strings: devices choose their names, but cannot compute a
-/// collision without the keys, and an accidental one among billions of series has a
-/// probability below 10⁻¹⁸. Units are kept as fingerprints, only to notice a change.
-#[derive(Debug, Default)]
+/// Series are found through the process's [`SeriesIndex`] (fingerprints, not strings: see
+/// its docs); units are kept as fingerprints, only to notice a change.
+#[derive(Debug)]
 pub(crate) struct SeriesCache {
+    index: Arc<SeriesIndex>,
     // A std mutex: lookups and inserts are short, never held across an await, and a
     // batch takes it once, not once per reading.
-    map: Mutex<PrehashedMap<(u64, u64), Cached>>,
-    hashers: Fingerprints,
+    cached: Mutex<BySlot<Cached>>,
+    /// Randomly keyed, for unit fingerprints.
+    units: RandomState,
 }
 
-/// Randomly keyed hashers for [`SeriesCache`].
-#[derive(Debug, Default)]
-struct Fingerprints {
-    high: RandomState,
-    low: RandomState,
-}
-
-impl Fingerprints {
-    /// Of canonical tags (see [`fleetpipe_proto::canonical_tags`]).
-    fn series(&self, device: &str, sensor: &str, tags: &[(String, String)]) -> (u64, u64) {
-        let key = (device, sensor, tags);
-        (self.high.hash_one(key), self.low.hash_one(key))
-    }
-
-    fn unit(&self, unit: Option<&str>) -> u32 {
-        self.low.hash_one(unit) as u32
-    }
-}
-
-/// `tags` in canonical form, without a copy when they already are (the decoder's are).
-fn canonical(tags: &Tags) -> Tags {
-    if tags.windows(2).all(|w| w[0].0 < w[1].0) {
-        tags.clone()
-    } else {
-        canonical_tags(tags)
+impl Default for SeriesCache {
+    fn default() -> Self {
+        SeriesCache {
+            index: Arc::default(),
+            cached: Mutex::new(BySlot::new(Cached::NONE)),
+            units: RandomState::new(),
+        }
     }
 }
 
 impl SeriesCache {
+    /// The index the cache finds series by, for others to keep state per series by.
+    pub(crate) fn index(&self) -> Arc<SeriesIndex> {
+        self.index.clone()
+    }
+
+    fn unit(&self, unit: Option<&str>) -> u32 {
+        self.units.hash_one(unit) as u32
+    }
+
     /// Resolves every record's series from the cache; records whose series is unknown, or
     /// whose unit or tags differ from the stored ones, become [`Pending`].
     pub(crate) fn plan(&self, batch: &[Record]) -> Result<Plan> {
-        let map = self
-            .map
+        let slots = self.index.slots(batch);
+        let cached = self
+            .cached
             .lock()
             .map_err(|_| StoreError::Task("series cache mutex poisoned".into()))?;
         let mut plan = Plan {
             refs: Vec::with_capacity(batch.len()),
             pending: Vec::new(),
         };
-        let mut pending_index: PrehashedMap<(u64, u64), usize> = PrehashedMap::default();
-        let mut memo = SeriesMemo::default();
-        let f = &self.hashers;
-        for record in batch {
+        let mut pending_index: PrehashedMap<SeriesSlot, usize> = PrehashedMap::default();
+        for (record, slot) in batch.iter().zip(slots) {
             let r = &record.reading;
-            let key = memo.key(r, |r| f.series(&r.device, &r.sensor, &canonical(&r.tags)));
-            let hit = map
-                .get(&key)
-                .filter(|c| r.unit.is_none() || f.unit(r.unit.as_deref()) == c.unit);
+            let hit = cached
+                .get(slot)
+                .filter(|c| r.unit.is_none() || self.unit(r.unit.as_deref()) == c.unit);
             if let Some(c) = hit {
                 plan.refs.push(SeriesRef::Id(i64::from(c.id)));
                 continue;
             }
-            let idx = *pending_index.entry(key).or_insert_with(|| {
+            let idx = *pending_index.entry(slot).or_insert_with(|| {
                 let tags = canonical(&r.tags);
                 plan.pending.push(Pending {
+                    slot,
                     device: r.device.clone(),
                     sensor: r.sensor.clone(),
                     tags_json: tags_to_json(&tags),
@@ -311,22 +307,16 @@ impl SeriesCache {
 
     /// Records committed series rows.
     pub(crate) fn remember(&self, pending: &[Pending], resolved: &[Resolved]) -> Result<()> {
-        let mut map = self
-            .map
+        let mut cached = self
+            .cached
             .lock()
             .map_err(|_| StoreError::Task("series cache mutex poisoned".into()))?;
-        let f = &self.hashers;
         for (p, r) in pending.iter().zip(resolved) {
             let Ok(id) = u32::try_from(r.id) else {
                 continue;
             };
-            map.insert(
-                f.series(&p.device, &p.sensor, &p.tags),
-                Cached {
-                    id,
-                    unit: f.unit(r.unit.as_deref()),
-                },
-            );
+            let unit = self.unit(r.unit.as_deref());
+            cached.set(p.slot, Cached { id, unit });
         }
         Ok(())
     }
@@ -357,13 +347,27 @@ mod tests {
             (&[("site", "b"), ("line", "3"), ("site", "a")], true),
             (&[("site", "a"), ("line", "3"), ("zone", "1")], false),
         ];
-        let f = Fingerprints::default();
-        let key = |tags: &[(String, String)]| f.series("d", "s", &canonical(&tags.into()));
+        let index = SeriesIndex::default();
+        let record = |device: &str, sensor: &str, tags: &[(String, String)]| Record {
+            seq: 1,
+            reading: fleetpipe_proto::Reading {
+                device: device.into(),
+                sensor: sensor.into(),
+                value: 1.0,
+                ts: Timestamp::from_micros(0),
+                unit: None,
+                quality: None,
+                tags: tags.to_vec().into(),
+            },
+        };
+        let key = |tags: &[(String, String)]| index.slots(&[record("d", "s", tags)])[0];
         for (given, want) in cases {
             assert_eq!(key(&t(given)) == key(&cached), *want, "{given:?}");
         }
-        assert_ne!(f.series("a", "b.c", &[]), f.series("a.b", "c", &[]));
-        assert_ne!(f.unit(None), f.unit(Some("")));
+        let slots = index.slots(&[record("a", "b.c", &[]), record("a.b", "c", &[])]);
+        assert_ne!(slots[0], slots[1]);
+        let cache = SeriesCache::default();
+        assert_ne!(cache.unit(None), cache.unit(Some("")));
     }
 
     #[test]
@@ -415,7 +419,46 @@ mod tests {
         let plan = cache.plan(&batch).unwrap();
         assert!(matches!(plan.refs[0], SeriesRef::Id(7)));
         assert!(matches!(plan.refs[1], SeriesRef::Pending(0)));
-        assert_eq!(std::mem::size_of::<((u64, u64), Cached)>(), 24);
+        assert_eq!(std::mem::size_of::<Cached>(), 8);
+    }
+
+    /// Series the index has no slot for (past its capacity) are never cached: they are
+    /// looked up on every write, and each keeps its own id.
+    #[test]
+    fn series_without_a_slot_are_resolved_every_time() {
+        let record = |device: &str| Record {
+            seq: 1,
+            reading: fleetpipe_proto::Reading {
+                device: device.into(),
+                sensor: "speed".into(),
+                value: 1.0,
+                ts: Timestamp::from_micros(0),
+                unit: None,
+                quality: None,
+                tags: Vec::new().into(),
+            },
+        };
+        let cache = SeriesCache {
+            index: Arc::new(SeriesIndex::with_limit(1)),
+            ..SeriesCache::default()
+        };
+        let batch = [record("a"), record("b"), record("c"), record("b")];
+        let plan = cache.plan(&batch).unwrap();
+        assert_eq!(plan.pending.len(), 3, "b twice is one pending series");
+        assert!(matches!(plan.refs[3], SeriesRef::Pending(1)));
+        let resolved = [1, 2, 3].map(|id| Resolved {
+            id,
+            unit: None,
+            created: true,
+        });
+        cache.remember(&plan.pending, &resolved).unwrap();
+        let plan = cache.plan(&batch).unwrap();
+        assert!(matches!(plan.refs[0], SeriesRef::Id(1)));
+        assert!(matches!(plan.refs[1], SeriesRef::Pending(0)));
+        assert!(matches!(plan.refs[2], SeriesRef::Pending(1)));
+        assert!(matches!(plan.refs[3], SeriesRef::Pending(0)));
+        assert_eq!(plan.pending.len(), 2);
+        assert_eq!(plan.pending[1].device.as_str(), "c");
     }
 
     #[test]

@@ -846,6 +846,10 @@ impl Store for SqliteStore {
         "sqlite"
     }
 
+    fn series_index(&self) -> Arc<crate::series_index::SeriesIndex> {
+        self.inner.series.index()
+    }
+
     async fn write_readings(&self, batch: &[Record]) -> Result<u64> {
         let admitted = self.admit(batch).await;
         let batch = &admitted[..];

@@ -339,7 +339,7 @@ mod tests {
     async fn many_updates_of_a_key_in_a_window_make_one_put() {
         let server = NatsServer::start();
         let broker = broker(&server).await;
-        let latest = Arc::new(Latest::new(broker.js.clone()));
+        let latest = Arc::new(Latest::new(broker.js.clone(), Arc::default()));
         let coalescer = Arc::new(Coalescer::new(latest.clone(), Duration::from_millis(50)));
         // Submitted before the flush task starts, so all of it falls in its first window.
         let batches: Vec<Confirmation> = (0..40i64)
@@ -397,7 +397,7 @@ mod tests {
     async fn a_stop_flushes_what_is_waiting() {
         let server = NatsServer::start();
         let broker = broker(&server).await;
-        let latest = Arc::new(Latest::new(broker.js.clone()));
+        let latest = Arc::new(Latest::new(broker.js.clone(), Arc::default()));
         let coalescer = Arc::new(Coalescer::new(latest.clone(), Duration::from_secs(3600)));
         let stop = CancellationToken::new();
         stop.cancel();
@@ -412,7 +412,7 @@ mod tests {
     async fn window_zero_puts_every_batch() {
         let server = NatsServer::start();
         let broker = broker(&server).await;
-        let latest = Arc::new(Latest::new(broker.js.clone()));
+        let latest = Arc::new(Latest::new(broker.js.clone(), Arc::default()));
         let coalescer = Arc::new(Coalescer::new(latest.clone(), Duration::ZERO));
         coalescer.clone().run(CancellationToken::new()).await; // returns at once
         for i in 0..5 {

@@ -10,22 +10,22 @@
 //! `(ts, stream sequence)`. The broker serialises puts per key, so whichever order they
 //! arrive in, the bucket ends with the newest reading.
 //!
-//! A per-process map remembers, for each series, the newest `(ts, seq)` and the revision
-//! it was stored at (a key hash, not the strings: 32 bytes a series), so the common case
+//! The process remembers, for each series, the newest `(ts, seq)` and the revision it was
+//! stored at (24 bytes a series, in a vector indexed by the store's series index: no
+//! strings and no hash table of its own), so the common case
 //! costs one put and no read, and a redelivered older reading costs nothing. A key the
 //! process has not seen is put with an expected revision of 0 ("no value yet"); when one
 //! exists, that costs one read, once per key per process.
 
-use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, kv};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use fleetpipe_proto::Reading;
-use fleetpipe_store::hashing::{PrehashedMap, SeriesMemo};
+use fleetpipe_store::hashing::PrehashedMap;
+use fleetpipe_store::series_index::{BySlot, SeriesIndex, SeriesSlot};
 use fleetpipe_store::Record;
 use tokio::sync::OnceCell;
 
@@ -49,18 +49,29 @@ fn expectation(expected: u64) -> HeaderMap {
 }
 
 /// What this process knows of one key.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct Known {
     ts: i64,
     seq: u64,
     revision: u64,
 }
 
+impl Known {
+    /// Nothing known: no stored value has revision 0.
+    const NONE: Known = Known {
+        ts: 0,
+        seq: 0,
+        revision: 0,
+    };
+}
+
 /// One put to make: the newest reading of one series in a batch. Its key and value are
 /// built only when it is put: most updates are superseded by a newer one of the same
 /// series in the coalescer first.
 pub(crate) struct Update {
-    /// The series, as the key of [`Latest`]'s map (a keyed hash of device, sensor, tags).
+    /// The series in the store's series index.
+    slot: SeriesSlot,
+    /// The series, as a map key (a keyed hash of device, sensor, tags).
     pub(super) hash: u64,
     /// What orders two readings of a series: `(ts, seq)`, the larger is newer.
     ts: i64,
@@ -93,33 +104,31 @@ pub(crate) struct Latest {
     js: jetstream::Context,
     bucket: OnceCell<kv::Store>,
     acks: OnceCell<AckMux>,
-    // A std mutex: a few map operations per batch, never held across an await.
-    known: Mutex<PrehashedMap<u64, Known>>,
-    /// Randomly keyed, so a device cannot pick names that collide with another's key.
-    hasher: RandomState,
+    /// The store's series index, which [`Latest::known`] is indexed by.
+    index: Arc<SeriesIndex>,
+    // A std mutex: a few lookups per batch, never held across an await.
+    known: Mutex<BySlot<Known>>,
 }
 
 impl Latest {
-    pub(crate) fn new(js: jetstream::Context) -> Self {
+    pub(crate) fn new(js: jetstream::Context, index: Arc<SeriesIndex>) -> Self {
         Latest {
             js,
             bucket: OnceCell::new(),
             acks: OnceCell::new(),
-            known: Mutex::new(PrehashedMap::default()),
-            hasher: RandomState::new(),
+            index,
+            known: Mutex::new(BySlot::new(Known::NONE)),
         }
     }
 
     /// The newest reading of each series in `records`, leaving out those older than what
     /// this process already stored.
     pub(crate) fn updates(&self, records: &[Record]) -> Vec<Update> {
-        let mut newest: PrehashedMap<u64, &Record> = PrehashedMap::default();
-        let mut memo = SeriesMemo::default();
-        for rec in records {
+        let mut newest: PrehashedMap<SeriesSlot, &Record> = PrehashedMap::default();
+        for (rec, slot) in records.iter().zip(self.index.slots(records)) {
             let r = &rec.reading;
-            let hash = memo.key(r, |r| self.hasher.hash_one((&r.device, &r.sensor, &r.tags)));
             newest
-                .entry(hash)
+                .entry(slot)
                 .and_modify(|cur| {
                     if (r.ts, rec.seq) >= (cur.reading.ts, cur.seq) {
                         *cur = rec;
@@ -132,12 +141,13 @@ impl Latest {
         };
         newest
             .into_iter()
-            .filter(|(hash, rec)| match known.get(hash) {
+            .filter(|(slot, rec)| match known.get(*slot) {
                 Some(k) => (rec.reading.ts.as_micros(), rec.seq) > (k.ts, k.seq),
                 None => true,
             })
-            .map(|(hash, rec)| Update {
-                hash,
+            .map(|(slot, rec)| Update {
+                slot,
+                hash: slot.hash,
                 ts: rec.reading.ts.as_micros(),
                 seq: rec.seq,
                 reading: rec.reading.clone(),
@@ -163,7 +173,7 @@ impl Latest {
         for (i, u) in updates.iter().enumerate() {
             // Expect a revision only together with the knowledge that its value is older:
             // another batch of this process may have stored a newer reading meanwhile.
-            let expected = match self.known(u.hash) {
+            let expected = match self.known(u.slot) {
                 Some(k) if (k.ts, k.seq) >= (u.ts, u.seq) => continue,
                 Some(k) => k.revision,
                 None => 0,
@@ -186,7 +196,7 @@ impl Latest {
         for (&i, ack) in sent.iter().zip(acks) {
             let u = &updates[i];
             match ack {
-                Some(Ack::Stored(seq)) => self.remember(u.hash, u.ts, u.seq, seq),
+                Some(Ack::Stored(seq)) => self.remember(u.slot, u.ts, u.seq, seq),
                 Some(Ack::Refused(WRONG_LAST_SEQUENCE, _)) => conflicts.push(i),
                 Some(Ack::Refused(code, why)) => {
                     tracing::warn!(code, error = %why, key = %u.key(), "latest-state update refused; the batch will be redelivered");
@@ -230,7 +240,7 @@ impl Latest {
                         if let Ok(v) = serde_json::from_slice::<StateValue>(&entry.value) {
                             if (v.ts, v.seq) >= (u.ts, u.seq) {
                                 // The bucket already holds this reading or a newer one.
-                                self.remember(u.hash, v.ts, v.seq, entry.revision);
+                                self.remember(u.slot, v.ts, v.seq, entry.revision);
                                 return Ok(());
                             }
                         }
@@ -242,7 +252,7 @@ impl Latest {
             let ack = self.put(u, expected).await.map_err(|e| e.to_string())?;
             match ack.await {
                 Ok(ack) => {
-                    self.remember(u.hash, u.ts, u.seq, ack.sequence);
+                    self.remember(u.slot, u.ts, u.seq, ack.sequence);
                     return Ok(());
                 }
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => continue,
@@ -266,17 +276,16 @@ impl Latest {
     }
 
     /// What this process last stored or saw for the key.
-    fn known(&self, hash: u64) -> Option<Known> {
-        self.known.lock().ok().and_then(|k| k.get(&hash).copied())
+    fn known(&self, slot: SeriesSlot) -> Option<Known> {
+        self.known.lock().ok().and_then(|k| k.get(slot))
     }
 
-    fn remember(&self, hash: u64, ts: i64, seq: u64, revision: u64) {
+    fn remember(&self, slot: SeriesSlot, ts: i64, seq: u64, revision: u64) {
         if let Ok(mut known) = self.known.lock() {
-            let k = known.entry(hash).or_insert(Known { ts, seq, revision });
             // Acks of one batch can be processed out of order with another's: keep the
             // newest revision, which the broker gave the newest put.
-            if revision >= k.revision {
-                *k = Known { ts, seq, revision };
+            if known.get(slot).is_none_or(|k| revision >= k.revision) {
+                known.set(slot, Known { ts, seq, revision });
             }
         }
     }
@@ -326,8 +335,8 @@ mod tests {
         let key = state::key("d", "cpu.usage", &[("cpu".to_string(), "cpu0".to_string())]);
         // Two collector processes.
         let (a, b) = (
-            Latest::new(broker.js.clone()),
-            Latest::new(broker.js.clone()),
+            Latest::new(broker.js.clone(), Arc::default()),
+            Latest::new(broker.js.clone(), Arc::default()),
         );
         assert!(a.publish(a.updates(&[record("d", 2_000, 2, "cpu0")])).await);
         // B has never seen the key: its older reading must not overwrite A's.
@@ -387,7 +396,7 @@ mod tests {
         let broker = crate::broker::ensure(&client, &crate::Config::default())
             .await
             .unwrap();
-        let latest = Arc::new(Latest::new(broker.js.clone()));
+        let latest = Arc::new(Latest::new(broker.js.clone(), Arc::default()));
         let tasks: Vec<_> = (0..8)
             .map(|t| {
                 let latest = latest.clone();

@@ -133,7 +133,7 @@ impl Collector {
         store: Arc<dyn Store>,
         stats: Arc<Stats>,
     ) -> Result<Self> {
-        let latest = Arc::new(Latest::new(js.clone()));
+        let latest = Arc::new(Latest::new(js.clone(), store.series_index()));
         Ok(Collector {
             consumer,
             state: Arc::new(Coalescer::new(
