@@ -431,7 +431,8 @@ impl Inner {
              PRAGMA temp_store = MEMORY;
              PRAGMA cache_size = -65536;",
         )?;
-        conn.set_prepared_statement_cache_capacity(32);
+        // Room for every statement the writer prepares (about 30), so none is parsed again.
+        conn.set_prepared_statement_cache_capacity(64);
         stable_plans(&conn)?;
         migrate(&mut conn)?;
         let checkpointer = if in_memory {

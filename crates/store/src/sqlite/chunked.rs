@@ -672,13 +672,13 @@ pub(super) fn seal_group(
             report.late += 1;
         }
     }
-    tx.execute(
+    tx.prepare_cached(
         "DELETE FROM hot WHERE (write_id, series_id) IN (
              SELECT h.write_id, h.series_id FROM hot_writes w CROSS JOIN hot h
                  ON h.write_id = w.id AND h.series_id BETWEEN ?2 AND ?3
              WHERE w.id <= ?1)",
-        params![upto, first, last],
-    )?;
+    )?
+    .execute(params![upto, first, last])?;
     {
         let mut delete =
             tx.prepare_cached("DELETE FROM hot WHERE write_id = ?1 AND series_id = ?2")?;
@@ -687,11 +687,12 @@ pub(super) fn seal_group(
         }
     }
     let through = later.iter().map(|&(w, _)| w).fold(upto, i64::max);
-    report.writes = tx.execute(
-        "DELETE FROM hot_writes WHERE id <= ?1
-             AND NOT EXISTS (SELECT 1 FROM hot h WHERE h.write_id = hot_writes.id)",
-        [through],
-    )? as u64;
+    report.writes = tx
+        .prepare_cached(
+            "DELETE FROM hot_writes WHERE id <= ?1
+                 AND NOT EXISTS (SELECT 1 FROM hot h WHERE h.write_id = hot_writes.id)",
+        )?
+        .execute([through])? as u64;
     tx.commit()?;
     Ok(report)
 }
