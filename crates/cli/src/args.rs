@@ -282,8 +282,8 @@ pub struct SimulateArgs {
     #[arg(long)]
     pub flat_out: bool,
     /// With --payload lp: 100 ms ticks of one vehicle per message, as a device or Telegraf
-    /// flushing a buffer (1: each tick on its own).
-    #[arg(long, default_value_t = 1, value_name = "TICKS")]
+    /// flushing a buffer (1: each tick on its own; at most 6000).
+    #[arg(long, default_value_t = 1, value_name = "TICKS", value_parser = lp_ticks)]
     pub lp_ticks: usize,
     /// Set a Nats-Msg-Id on every message (broker-side de-duplication).
     #[arg(long)]
@@ -323,8 +323,8 @@ pub struct BenchArgs {
     #[arg(long, default_value = "plain")]
     pub payload: String,
     /// With --payload lp: 100 ms ticks of one vehicle per message (50: five seconds, about
-    /// 46 readings, as a device or Telegraf flushing a buffer).
-    #[arg(long, default_value_t = 50, value_name = "TICKS")]
+    /// 46 readings, as a device or Telegraf flushing a buffer; at most 6000).
+    #[arg(long, default_value_t = 50, value_name = "TICKS", value_parser = lp_ticks)]
     pub lp_ticks: usize,
     /// Collector workers (and ack-and-discard workers in the ceiling phase). Default: the
     /// configuration's collector.workers.
@@ -395,4 +395,13 @@ pub struct DeadLettersArgs {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration ({e}); write e.g. 250ms, 30s, 10m"))
+}
+
+/// `--lp-ticks`: from 1 to the simulator's limit, refused by the flag's name.
+fn lp_ticks(s: &str) -> Result<usize, String> {
+    let max = fleetpipe_device::simulate::MAX_TICKS_PER_MESSAGE;
+    match s.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("expected a whole number of ticks from 1 to {max}")),
+    }
 }

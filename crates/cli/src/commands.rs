@@ -612,6 +612,9 @@ async fn simulate_cmd(config: Config, a: SimulateArgs) -> Result<()> {
     sim.connections = a.sim.connections;
     sim.max_messages = a.messages;
     sim.flat_out = a.flat_out;
+    if a.lp_ticks != 1 && sim.payload != PayloadForm::LineProtocol {
+        bail!("--lp-ticks applies to --payload lp only");
+    }
     sim.ticks_per_message = a.lp_ticks;
     sim.msg_ids = a.msg_ids;
     sim.template = config.template()?;

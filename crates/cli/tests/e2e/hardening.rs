@@ -512,7 +512,8 @@ async fn huge_line_is_refused_promptly() {
 }
 
 // ---------------------------------------------------------------------------------------
-// 5. Device ids from the command line are checked before they are used.
+// 5. Device ids and simulator settings from the command line are checked before they are
+// used.
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cli_refuses_invalid_device_ids() {
@@ -550,6 +551,40 @@ async fn cli_refuses_invalid_device_ids() {
     assert!(streams.is_empty(), "{streams:?}");
     let db = env.store_url.strip_prefix("sqlite://").unwrap();
     assert!(!std::path::Path::new(db).exists(), "the store was opened");
+
+    // Simulator settings at and past their edges are refused by the flag the user typed.
+    for (args, want) in [
+        (
+            &["simulate", "--payload", "lp", "--lp-ticks", "0"][..],
+            "--lp-ticks",
+        ),
+        (
+            &["simulate", "--payload", "lp", "--lp-ticks", "6001"],
+            "from 1 to 6000",
+        ),
+        (
+            &[
+                "bench",
+                "--payload",
+                "lp",
+                "--lp-ticks",
+                "18446744073709551616",
+            ],
+            "from 1 to 6000",
+        ),
+        (
+            &["simulate", "--lp-ticks", "5"],
+            "--lp-ticks applies to --payload lp only",
+        ),
+    ] {
+        let out = env.cmd(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "fleetpipe {args:?} succeeded");
+        assert!(
+            stderr.contains(want) && !stderr.contains("ticks_per_message"),
+            "fleetpipe {args:?}: {stderr}"
+        );
+    }
 
     // Valid ids still work.
     assert_eq!(env.run(&["state", "cnc-001_a", "--json"]).trim(), "[]");

@@ -55,7 +55,7 @@ const MAX_CONNECTIONS: usize = 1024;
 const MAX_IN_FLIGHT: usize = 1_000_000;
 const MAX_ACK_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Ten minutes of readings in one message is already far beyond any real buffer.
-const MAX_TICKS_PER_MESSAGE: usize = 6000;
+pub const MAX_TICKS_PER_MESSAGE: usize = 6000;
 
 /// How the simulated devices encode their readings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
