@@ -1236,6 +1236,73 @@ mod tests {
         assert_eq!(store.count_readings().await.unwrap(), 5000);
     }
 
+    /// Late readings that reach past the start of a later chunk are merged with it, so a
+    /// series' chunks never overlap; reads stay in order either way.
+    #[tokio::test]
+    async fn late_readings_keep_chunks_apart() {
+        const SEC: i64 = 1_000_000;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fleet.db");
+        let store = SqliteStore::open(path.to_str().unwrap()).await.unwrap();
+        let record = |seq: u64, ts: i64| Record {
+            seq,
+            reading: fleetpipe_proto::Reading {
+                device: "d".into(),
+                sensor: "s".into(),
+                value: ts as f64,
+                ts: fleetpipe_proto::Timestamp::from_micros(ts),
+                unit: None,
+                quality: None,
+                tags: Vec::new().into(),
+            },
+        };
+        // The last minute of one day, then the first minute of the next, sealed apart
+        // (chunks never span a day): two chunks.
+        let day = 1_771_200_000 * SEC - 1_771_200_000 * SEC % chunked::DAY;
+        let before: Vec<Record> = (0..60)
+            .map(|i| record(1 + i, day - (60 - i as i64) * SEC))
+            .collect();
+        let after: Vec<Record> = (0..60)
+            .map(|i| record(100 + i, day + 30 * SEC + i as i64 * SEC))
+            .collect();
+        store.write_readings(&before).await.unwrap();
+        store.compact().await.unwrap();
+        store.write_readings(&after).await.unwrap();
+        store.compact().await.unwrap();
+        // Late: between them, up to past the later chunk's start.
+        let late: Vec<Record> = (0..60)
+            .map(|i| record(200 + i, day - 500_000 + i as i64 * SEC))
+            .collect();
+        store.write_readings(&late).await.unwrap();
+        store.compact().await.unwrap();
+        let conn = Connection::open(&path).unwrap();
+        let spans: Vec<(i64, i64)> = conn
+            .prepare("SELECT start_ts, end_ts FROM chunks ORDER BY start_ts")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<std::result::Result<_, _>>()
+            .unwrap();
+        assert!(
+            spans.windows(2).all(|w| w[0].1 < w[1].0),
+            "chunks overlap: {spans:?}"
+        );
+        let history = store
+            .history(
+                "d",
+                "s",
+                crate::Range {
+                    from: fleetpipe_proto::Timestamp::from_micros(day - chunked::DAY),
+                    to: fleetpipe_proto::Timestamp::from_micros(day + chunked::DAY),
+                },
+                1000,
+            )
+            .await
+            .unwrap();
+        assert_eq!(history.len(), 180);
+        assert!(history.windows(2).all(|w| w[0].ts < w[1].ts));
+    }
+
     #[tokio::test]
     async fn the_wal_starts_over_under_constant_writes() {
         let dir = tempfile::tempdir().unwrap();
