@@ -325,6 +325,7 @@ impl SeriesCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::series_index::record;
 
     fn t(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
@@ -336,7 +337,7 @@ mod tests {
     /// Tags are part of a series' identity, compared as a set.
     #[test]
     fn series_identity() {
-        let cached = t(&[("line", "3"), ("site", "a")]);
+        let cached = &[("line", "3"), ("site", "a")];
         let cases: &[(&[(&str, &str)], bool)] = &[
             (&[("line", "3"), ("site", "a")], true),
             (&[("site", "a"), ("line", "3")], true),
@@ -348,21 +349,9 @@ mod tests {
             (&[("site", "a"), ("line", "3"), ("zone", "1")], false),
         ];
         let index = SeriesIndex::default();
-        let record = |device: &str, sensor: &str, tags: &[(String, String)]| Record {
-            seq: 1,
-            reading: fleetpipe_proto::Reading {
-                device: device.into(),
-                sensor: sensor.into(),
-                value: 1.0,
-                ts: Timestamp::from_micros(0),
-                unit: None,
-                quality: None,
-                tags: tags.to_vec().into(),
-            },
-        };
-        let key = |tags: &[(String, String)]| index.slots(&[record("d", "s", tags)])[0];
+        let key = |tags: &[(&str, &str)]| index.slots(&[record("d", "s", tags)])[0];
         for (given, want) in cases {
-            assert_eq!(key(&t(given)) == key(&cached), *want, "{given:?}");
+            assert_eq!(key(given) == key(cached), *want, "{given:?}");
         }
         let slots = index.slots(&[record("a", "b.c", &[]), record("a.b", "c", &[])]);
         assert_ne!(slots[0], slots[1]);
@@ -373,19 +362,8 @@ mod tests {
     #[test]
     fn readings_differing_only_in_a_tag_are_two_series() {
         let cache = SeriesCache::default();
-        let record = |cpu: &str| Record {
-            seq: 1,
-            reading: fleetpipe_proto::Reading {
-                device: "h1".into(),
-                sensor: "cpu.usage_idle".into(),
-                value: 1.0,
-                ts: Timestamp::from_micros(0),
-                unit: None,
-                quality: None,
-                tags: t(&[("cpu", cpu), ("host", "h1")]).into(),
-            },
-        };
-        let batch = [record("cpu0"), record("cpu1"), record("cpu0")];
+        let cpu = |cpu: &str| record("h1", "cpu.usage_idle", &[("cpu", cpu), ("host", "h1")]);
+        let batch = [cpu("cpu0"), cpu("cpu1"), cpu("cpu0")];
         let plan = cache.plan(&batch).unwrap();
         assert_eq!(plan.pending.len(), 2);
         assert_eq!(plan.pending[1].tags_json, r#"{"cpu":"cpu1","host":"h1"}"#);
@@ -395,20 +373,9 @@ mod tests {
     /// the entry: then it stays pending (looked up each time), never wrongly resolved.
     #[test]
     fn remembered_series_resolve_unless_their_id_is_too_large() {
-        let record = |device: &str| Record {
-            seq: 1,
-            reading: fleetpipe_proto::Reading {
-                device: device.into(),
-                sensor: "speed".into(),
-                value: 1.0,
-                ts: Timestamp::from_micros(0),
-                unit: None,
-                quality: None,
-                tags: Vec::new().into(),
-            },
-        };
+        let speed = |device: &str| record(device, "speed", &[]);
         let cache = SeriesCache::default();
-        let batch = [record("small"), record("large")];
+        let batch = [speed("small"), speed("large")];
         let plan = cache.plan(&batch).unwrap();
         let resolved = [7, i64::from(u32::MAX) + 1].map(|id| Resolved {
             id,
@@ -426,23 +393,12 @@ mod tests {
     /// looked up on every write, and each keeps its own id.
     #[test]
     fn series_without_a_slot_are_resolved_every_time() {
-        let record = |device: &str| Record {
-            seq: 1,
-            reading: fleetpipe_proto::Reading {
-                device: device.into(),
-                sensor: "speed".into(),
-                value: 1.0,
-                ts: Timestamp::from_micros(0),
-                unit: None,
-                quality: None,
-                tags: Vec::new().into(),
-            },
-        };
+        let speed = |device: &str| record(device, "speed", &[]);
         let cache = SeriesCache {
             index: Arc::new(SeriesIndex::with_limit(1)),
             ..SeriesCache::default()
         };
-        let batch = [record("a"), record("b"), record("c"), record("b")];
+        let batch = [speed("a"), speed("b"), speed("c"), speed("b")];
         let plan = cache.plan(&batch).unwrap();
         assert_eq!(plan.pending.len(), 3, "b twice is one pending series");
         assert!(matches!(plan.refs[3], SeriesRef::Pending(1)));

@@ -54,13 +54,13 @@ const FULL: u32 = u32::MAX;
 struct Fingerprint([u32; 4]);
 
 impl Hash for Fingerprint {
-    /// Its first 64 bits, already random (see [`crate::hashing`]).
     fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u64(u64::from(self.0[0]) | (u64::from(self.0[1]) << 32));
+        state.write_u64(self.hash64());
     }
 }
 
 impl Fingerprint {
+    /// Its first 64 bits, already random (see [`crate::hashing`]).
     fn hash64(&self) -> u64 {
         u64::from(self.0[0]) | (u64::from(self.0[1]) << 32)
     }
@@ -211,30 +211,30 @@ impl<T: Copy + PartialEq> BySlot<T> {
     }
 }
 
+/// A reading of `device`'s `sensor` with `tags`, for tests of series identity.
+#[cfg(test)]
+pub(crate) fn record(device: &str, sensor: &str, tags: &[(&str, &str)]) -> Record {
+    Record {
+        seq: 1,
+        reading: Reading {
+            device: device.into(),
+            sensor: sensor.into(),
+            value: 1.0,
+            ts: fleetpipe_proto::Timestamp::from_micros(0),
+            unit: None,
+            quality: None,
+            tags: tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<Vec<_>>()
+                .into(),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use fleetpipe_proto::Timestamp;
-
     use super::*;
-
-    fn record(device: &str, sensor: &str, tags: &[(&str, &str)]) -> Record {
-        Record {
-            seq: 1,
-            reading: Reading {
-                device: device.into(),
-                sensor: sensor.into(),
-                value: 1.0,
-                ts: Timestamp::from_micros(0),
-                unit: None,
-                quality: None,
-                tags: tags
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect::<Vec<_>>()
-                    .into(),
-            },
-        }
-    }
 
     #[test]
     fn one_slot_per_series_dense_and_stable() {
