@@ -171,7 +171,8 @@ impl Spool {
     }
 
     /// Appends what arrives on `input` and sends it, until `input` closes or `stop` turns
-    /// true; then makes the buffer durable and waits up to `drain` for acknowledgements.
+    /// true; then makes the buffer durable, and for up to `drain` sends what is still
+    /// buffered and takes acknowledgements.
     pub async fn run(
         mut self,
         mut input: mpsc::Receiver<Message>,
@@ -217,8 +218,17 @@ impl Spool {
             }
         }
         self.sync();
+        // Up to `drain`, go on sending what is buffered and taking acknowledgements: a stop
+        // right after a burst (or a slow broker) would otherwise leave the unsent part for
+        // the next start, however long the device stays off. What is left stays buffered.
         let deadline = Instant::now() + drain;
-        while self.publisher.in_flight() > 0 {
+        while Instant::now() < deadline {
+            // Cut short at the deadline, a record not yet counted as sent stays buffered
+            // and goes again, under the same id, at the next start.
+            let _ = tokio::time::timeout_at(deadline, self.send_what_we_can()).await;
+            if self.publisher.in_flight() == 0 {
+                break;
+            }
             match tokio::time::timeout_at(deadline, self.publisher.next_ack()).await {
                 Ok(Some(acked)) => self.on_ack(acked),
                 _ => break,
