@@ -100,15 +100,8 @@ async fn many_devices_two_collectors(env: Env) {
     let mut c2 = env.spawn(&["collect", "--json"]);
     // Both collectors pulling (two fetch workers each) before anything is published: a
     // collector still opening its store could otherwise find the work all done.
-    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
-        .get_stream("FLEETPIPE_TELEMETRY")
-        .await
-        .unwrap()
-        .get_consumer("fleetpipe-collectors")
-        .await
-        .unwrap();
     let started = std::time::Instant::now();
-    while consumer.info().await.unwrap().num_waiting < 4 {
+    while collectors_consumer(&js).await.num_waiting < 4 {
         assert!(
             started.elapsed() < Duration::from_secs(30),
             "both collectors pulling within 30 s"

@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::support::collectors_consumer;
 use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
 use fleetpipe_pipeline::config::names;
@@ -933,12 +934,7 @@ async fn million_readings_through_kills_and_outages() {
     if dead > 0 {
         problems.push(format!("{dead} dead letters:\n{dead_list}"));
     }
-    let consumer_info = {
-        let stream = js.get_stream("FLEETPIPE_TELEMETRY").await.unwrap();
-        let mut consumer: jetstream::consumer::PullConsumer =
-            stream.get_consumer("fleetpipe-collectors").await.unwrap();
-        consumer.info().await.unwrap().clone()
-    };
+    let consumer_info = collectors_consumer(&js).await;
     events.note(format!(
         "consumer: {} pending, {} awaiting ack, {} redelivered; {} kills; dead letters {dead}",
         consumer_info.num_pending,

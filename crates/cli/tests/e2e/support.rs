@@ -269,6 +269,19 @@ pub async fn publish_all(js: &jetstream::Context, msgs: &[(String, String)]) {
     }
 }
 
+/// What the broker says of the collectors' durable consumer (pending, awaiting ack,
+/// pull requests waiting…).
+pub async fn collectors_consumer(js: &jetstream::Context) -> jetstream::consumer::Info {
+    let mut consumer: jetstream::consumer::PullConsumer = js
+        .get_stream("FLEETPIPE_TELEMETRY")
+        .await
+        .unwrap()
+        .get_consumer("fleetpipe-collectors")
+        .await
+        .unwrap();
+    consumer.info().await.unwrap().clone()
+}
+
 /// Waits until the store holds `want` readings (or the deadline passes) and returns the
 /// count it saw last.
 pub async fn wait_for_count(store: &dyn Store, want: u64, timeout: Duration) -> u64 {
